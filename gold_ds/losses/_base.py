@@ -1,0 +1,154 @@
+"""The chunking base shared by every loss: argument checks, row selection, the autograd Function.
+
+A loss is a *kernel*: a function that takes one chunk of rows as fp32 tensors and returns the loss
+of each row together with the gradient of each row's loss with respect to every input that needs
+one. The base owns everything else: flattening ``[..., V]`` to rows, picking the counted rows,
+walking them ``chunk_size`` at a time, weighting for the reduction, and storing the input gradient
+(in the input dtype) so that ``backward`` only scales it by ``grad_output``.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+# Bytes of one fp32 [chunk_size, V] block when chunk_size is chosen automatically. A kernel holds
+# about a dozen such blocks (sort indices count double), so the working set is ~50 MiB per chunk.
+CHUNK_BYTES = 4 << 20
+REDUCTIONS = ("mean", "sum")
+
+
+def check_logits(name, x):
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.is_floating_point():
+        got = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else repr(x)
+        raise ValueError(f"{name} must be a floating-point tensor shaped [..., V]; got {got}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty vocabulary dimension; got shape {tuple(x.shape)}")
+
+
+def check_rows(student, teacher):
+    if student.shape[:-1] != teacher.shape[:-1]:
+        raise ValueError(
+            f"student_logits and teacher_logits must have the same rows (all dims but the last); "
+            f"got {tuple(student.shape)} and {tuple(teacher.shape)}")
+
+
+def check_row_tensor(name, x, rows_shape, floating):
+    if x is None:
+        return
+    if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(rows_shape):
+        got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else repr(x)
+        raise ValueError(f"{name} must be a tensor of shape {tuple(rows_shape)} (one value per row); got {got}")
+    if floating and not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
+
+
+def check_positive(name, value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+
+
+def check_beta(beta):
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be a number in [0, 1]; got {beta!r}")
+
+
+def check_weight(name, value):
+    if value is None:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be None or a finite number >= 0; got {value!r}")
+
+
+def check_common(reduction, chunk_size):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1; got {chunk_size!r}")
+
+
+def vocab_sizes(group, rows, *local_sizes):
+    """Return, per rank of ``group``, the tuple (rows, *local_sizes); one all_gather.
+
+    Called by every rank of ``group``. Without a group it is just the local tuple, in a list.
+    Raises ValueError (on every rank alike) if the ranks disagree on the number of rows.
+    """
+    mine = (rows, *local_sizes)
+    if group is None:
+        return [mine]
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, mine, group=group)
+    if len({e[0] for e in every}) != 1:
+        raise ValueError(f"every rank of group must pass the same rows; got row counts {[e[0] for e in every]}")
+    return every
+
+
+def auto_chunk_size(chunk_size, vocab):
+    return chunk_size if chunk_size is not None else max(1, CHUNK_BYTES // (4 * vocab))
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """forward(ctx, run, student, teacher, student_log_scale, teacher_log_scale) -> fp32 scalar.
+
+    ``run`` is the closure built by :func:`chunked_loss`: given which inputs need a gradient, it
+    returns (loss, [stored gradient or None per input]).
+    """
+
+    @staticmethod
+    def forward(ctx, run, *inputs):
+        loss, ctx.grads = run(ctx.needs_input_grad[1:])
+        ctx.shapes = [None if x is None else x.shape for x in inputs]
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("backward through a gold_ds loss can run only once (its gradient is stored, "
+                               "then handed over); recompute the loss to differentiate it again")
+        scale = None if bool(grad_output == 1) else grad_output
+        out = []
+        for g, shape in zip(grads, ctx.shapes):
+            if g is not None:
+                if scale is not None:
+                    g.mul_(scale.to(g.dtype))
+                g = g.view(shape)
+            out.append(g)
+        return (None, *out)
+
+
+def chunked_loss(kernel, student, teacher, student_log_scale, teacher_log_scale, mask, reduction, chunk_size):
+    """Apply ``kernel`` to the counted rows, ``chunk_size`` rows at a time; return the reduced loss.
+
+    kernel(s, t, s_scale, t_scale, need) gets fp32 [n, Vs_local], [n, Vt_local] and fp32 [n] log
+    scales (or None), and ``need`` (4 bools), and returns (row_loss [n], then per input the gradient
+    of row_loss w.r.t. it, fp32, or None where not needed). Every rank of a group must call with the
+    same rows, mask and chunk_size, because kernels may run collectives once per chunk.
+    """
+    inputs = (student, teacher, student_log_scale, teacher_log_scale)
+    flat = [None if x is None else x.reshape(-1, x.shape[-1]) for x in inputs[:2]]
+    flat += [None if x is None else x.reshape(-1) for x in inputs[2:]]
+    n_rows = flat[0].shape[0]
+    if mask is None:
+        counted, select = n_rows, lambda a, b: slice(a, b)
+    else:
+        index = (mask.reshape(-1) != 0).nonzero().squeeze(1)
+        counted, select = index.numel(), lambda a, b: index[a:b]
+    weight = 1.0 if reduction == "sum" else 1.0 / max(counted, 1)
+
+    def run(need):
+        need = [bool(n) and x is not None for n, x in zip(need, flat)]
+        grads = [torch.zeros_like(x) if n else None for x, n in zip(flat, need)]
+        total = torch.zeros((), dtype=torch.float64)
+        for start in range(0, counted, chunk_size):
+            rows = select(start, min(start + chunk_size, counted))
+            chunk = [None if x is None else x[rows].float() for x in flat]
+            row_loss, *chunk_grads = kernel(*chunk, need)
+            total += row_loss.sum(dtype=torch.float64)
+            for g, cg in zip(grads, chunk_grads):
+                if g is not None:
+                    g[rows] = cg.mul_(weight).to(g.dtype)
+        return (total * weight).float(), grads
+
+    return _ChunkedLoss.apply(run, *inputs)
