@@ -1,0 +1,271 @@
+"""Load a preset into ``RunConfig``: JSON -> command-line overrides -> typed dataclasses -> checks.
+
+Every failure is a ``ConfigError`` whose message names the key (dotted path), the value, and what
+would be valid, before any model or process group is touched.
+"""
+import dataclasses
+import json
+import typing
+from typing import Any, Literal, Optional, Union
+
+from .schema import RunConfig
+
+
+class ConfigError(ValueError):
+    """An invalid preset or override; the message names key, value and what is valid."""
+
+
+def _fail(key: str, value: Any, valid: str):
+    raise ConfigError(f"config key '{key}': got {value!r}; {valid}")
+
+
+# ---------------------------------------------------------------------------------------- parsing
+def parse_override(text: str) -> tuple:
+    """``a.b.c=VALUE`` -> (["a","b","c"], value). VALUE is read as JSON when it parses (numbers,
+    true/false/null, lists, objects), otherwise kept as a string."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE with a dotted key, e.g. distill.beta=0.3")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: the key {key!r} has an empty part")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return parts, value
+
+
+def apply_override(raw: dict, parts: list, value: Any) -> None:
+    """Set ``raw[parts[0]][parts[1]]... = value``, creating missing dicts (unknown keys are still
+    rejected when the dict is converted to dataclasses)."""
+    node = raw
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        elif not isinstance(nxt, dict):
+            raise ConfigError(f"override {'.'.join(parts)}: '{'.'.join(parts[:i + 1])}' holds "
+                              f"{nxt!r}, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _convert(tp, value, key):
+    """Check ``value`` against the annotation ``tp`` and convert nested sections to dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin is Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            _fail(key, value, f"expected one of {', '.join(repr(c) for c in choices)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            _fail(key, value, f"expected a section (JSON object) with keys {_field_names(tp)}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(key, value, "expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(key, value, "expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(key, value, "expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(key, value, "expected a string")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            _fail(key, value, "expected a JSON object")
+        return value
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            _fail(key, value, "expected a JSON list")
+        return value
+    raise TypeError(f"unsupported annotation {tp} for {key}")
+
+
+def _field_names(cls) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def _build(cls, raw: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(f"config key '{where}' is unknown; valid keys here: {_field_names(cls)}")
+    kwargs = {k: _convert(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------------- validation
+def _ds_stage(ds: dict, key: str) -> int:
+    zo = ds.get("zero_optimization")
+    if not isinstance(zo, dict) or zo.get("stage") != 3:
+        _fail(f"{key}.zero_optimization.stage", (zo or {}).get("stage") if isinstance(zo, dict) else zo,
+              "gold_ds runs ZeRO stage 3: set it to 3")
+    return 3
+
+
+def _positive_int(value, key):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        _fail(key, value, "expected a positive integer")
+
+
+def _check_training_ds(ds: dict, key: str) -> None:
+    _ds_stage(ds, key)
+    for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if k not in ds:
+            _fail(f"{key}.{k}", None, "required: a positive integer")
+        _positive_int(ds[k], f"{key}.{k}")
+    if "optimizer" not in ds:
+        _fail(f"{key}.optimizer", None, "required: a DeepSpeed optimizer section, e.g. "
+              '{"type": "AdamW", "params": {"lr": 1e-4}}')
+    if "train_batch_size" in ds and ds["train_batch_size"] != "auto":
+        _positive_int(ds["train_batch_size"], f"{key}.train_batch_size")
+
+
+def _check_offload(ds: dict, key: str) -> None:
+    off = ds.get("zero_optimization", {}).get("offload_param")
+    if off is None:
+        return
+    dev = off.get("device") if isinstance(off, dict) else off
+    if dev not in ("cpu", "nvme", "none"):
+        _fail(f"{key}.zero_optimization.offload_param.device", dev, "expected 'cpu', 'nvme' or 'none'")
+    if dev == "nvme" and not off.get("nvme_path"):
+        _fail(f"{key}.zero_optimization.offload_param.nvme_path", None,
+              "required with device 'nvme': a directory on a fast local disk")
+
+
+def _check_model(m, key: str) -> None:
+    if (m.name_or_path is None) == (m.config is None):
+        _fail(f"{key}.name_or_path", m.name_or_path,
+              f"set exactly one of {key}.name_or_path (hub id or local dir) and {key}.config (build from a config)")
+    if m.config is not None:
+        if "model_type" not in m.config:
+            _fail(f"{key}.config.model_type", None, "required: a transformers model type such as 'llama'")
+        if m.tokenizer is None:
+            _fail(f"{key}.tokenizer", None, "required when the model is built from a config")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Checks that need no process group (``validate_world`` adds those that need the world size)."""
+    if cfg.max_steps < 0:
+        _fail("max_steps", cfg.max_steps, "expected an integer >= 0")
+    _check_model(cfg.student.model, "student.model")
+    _check_model(cfg.teacher.model, "teacher.model")
+    _check_training_ds(cfg.student.deepspeed, "student.deepspeed")
+    _ds_stage(cfg.teacher.deepspeed, "teacher.deepspeed")
+    if "optimizer" in cfg.teacher.deepspeed:
+        _fail("teacher.deepspeed.optimizer", cfg.teacher.deepspeed["optimizer"],
+              "the teacher is frozen (ZeRO-inference): remove the optimizer section")
+    _check_offload(cfg.teacher.deepspeed, "teacher.deepspeed")
+    _check_offload(cfg.student.deepspeed, "student.deepspeed")
+    if cfg.teacher.sft.max_steps < 0:
+        _fail("teacher.sft.max_steps", cfg.teacher.sft.max_steps, "expected an integer >= 0")
+    if cfg.teacher.sft.max_steps > 0:
+        _check_training_ds(cfg.teacher.sft.deepspeed, "teacher.sft.deepspeed")
+
+    d = cfg.data
+    for name, src in (("data.train", d.train), ("data.eval", d.eval)):
+        if src is None:
+            continue
+        if (src.path is None) == (src.builtin is None):
+            _fail(f"{name}.path", src.path, f"set exactly one of {name}.path and {name}.builtin")
+        if src.num_examples is not None:
+            _positive_int(src.num_examples, f"{name}.num_examples")
+    _positive_int(d.max_prompt_length, "data.max_prompt_length")
+    _positive_int(d.max_completion_length, "data.max_completion_length")
+
+    x = cfg.distill
+    if not 0.0 <= x.beta <= 1.0:
+        _fail("distill.beta", x.beta, "expected a number in [0, 1] (0 = KL(teacher||student), 1 = KL(student||teacher))")
+    if not 0.0 <= x.lmbda <= 1.0:
+        _fail("distill.lmbda", x.lmbda, "expected a probability in [0, 1]")
+    if x.temperature <= 0:
+        _fail("distill.temperature", x.temperature, "expected a number > 0")
+    _positive_int(x.num_generations, "distill.num_generations")
+    micro = cfg.student.deepspeed["train_micro_batch_size_per_gpu"]
+    ga = cfg.student.deepspeed["gradient_accumulation_steps"]
+    if micro % x.num_generations:
+        _fail("distill.num_generations", x.num_generations,
+              f"must divide student.deepspeed.train_micro_batch_size_per_gpu ({micro}) so that each "
+              "on-policy micro-step holds whole groups of samples")
+    if x.generation_batch_size is None:
+        x.generation_batch_size = micro * ga // x.num_generations
+    elif x.generation_batch_size * x.num_generations != micro * ga:
+        _fail("distill.generation_batch_size", x.generation_batch_size,
+              f"generation_batch_size x num_generations ({x.num_generations}) must equal micro batch x GA "
+              f"({micro} x {ga} = {micro * ga}): use {micro * ga // x.num_generations}"
+              if (micro * ga) % x.num_generations == 0 else
+              f"num_generations ({x.num_generations}) must divide micro batch x GA ({micro * ga})")
+
+    r = cfg.rollout
+    _positive_int(r.max_new_tokens, "rollout.max_new_tokens")
+    if r.temperature <= 0:
+        _fail("rollout.temperature", r.temperature, "expected a number > 0")
+    if not 0.0 < r.top_p <= 1.0:
+        _fail("rollout.top_p", r.top_p, "expected a number in (0, 1]")
+    if r.top_k < 0:
+        _fail("rollout.top_k", r.top_k, "expected an integer >= 0 (0 disables top-k)")
+
+    _positive_int(cfg.logging.every, "logging.every")
+    for k in ("every",):
+        if getattr(cfg.eval, k) < 0:
+            _fail(f"eval.{k}", getattr(cfg.eval, k), "expected an integer >= 0 (0: before and after training only)")
+    _positive_int(cfg.eval.max_new_tokens, "eval.max_new_tokens")
+    if cfg.eval.num_examples is not None:
+        _positive_int(cfg.eval.num_examples, "eval.num_examples")
+    if cfg.checkpoint.every < 0:
+        _fail("checkpoint.every", cfg.checkpoint.every, "expected an integer >= 0 (0 disables checkpoints)")
+    _positive_int(cfg.checkpoint.keep_last, "checkpoint.keep_last")
+    return cfg
+
+
+def validate_world(cfg: RunConfig, world_size: int) -> None:
+    """Checks that need the number of ranks (called by every rank after the process group exists)."""
+    for key, ds in (("student.deepspeed", cfg.student.deepspeed), ("teacher.sft.deepspeed", cfg.teacher.sft.deepspeed)):
+        if key.startswith("teacher") and cfg.teacher.sft.max_steps == 0:
+            continue
+        tbs = ds.get("train_batch_size")
+        want = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size
+        if tbs not in (None, "auto") and tbs != want:
+            _fail(f"{key}.train_batch_size", tbs,
+                  f"must equal micro batch x GA x world size = {want} on {world_size} ranks (or leave it out)")
+
+
+# ---------------------------------------------------------------------------------------- loading
+def load_config(path: Optional[str] = None, overrides: tuple = (), raw: Optional[dict] = None) -> RunConfig:
+    """Read a JSON preset (or take ``raw``), apply ``KEY=VALUE`` overrides, convert and validate."""
+    if raw is None:
+        if path is None:
+            raise ConfigError("no preset: pass --config ds_configs/<preset>.json")
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"preset {path!r} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"preset {path!r} is not valid JSON: {e}") from None
+    raw = json.loads(json.dumps(raw))  # private deep copy
+    if not isinstance(raw, dict):
+        raise ConfigError(f"preset {path!r}: expected a JSON object at the top level")
+    for text in overrides:
+        apply_override(raw, *parse_override(text))
+    return validate(_build(RunConfig, raw, ""))
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,179 @@
+"""The run config: one typed dataclass per preset section.
+
+A preset (``ds_configs/*.json``) is one ``RunConfig``. Every key below is documented where it is
+declared; the README's config reference lists the sections. Keys are read by the trainer (or the
+part it hands them to) and nowhere else.
+"""
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: Optional[str] = None
+    """Hub id or local directory, loaded with ``from_pretrained``. Exactly one of this and ``config``."""
+    config: Optional[dict] = None
+    """A transformers config as a dict with ``model_type`` (e.g. ``{"model_type": "llama", ...}``):
+    the model is built randomly initialized from it (tiny models, tests, the demo)."""
+    tokenizer: Optional[str] = None
+    """Hub id or local directory of the tokenizer; ``builtin:arithmetic`` trains the demo's tokenizer
+    locally. Default: ``name_or_path``."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the weights are loaded in (the DeepSpeed config's bf16/fp16 section decides training precision)."""
+    init_seed: int = 0
+    """Seed of the random initialization when built from ``config``."""
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TeacherSFTConfig:
+    """An optional supervised stage that fine-tunes the teacher on the training completions before
+    distillation starts (the demo uses it: its teacher is built from a config, so it must learn the
+    task first). The result is exported and then loaded as the frozen teacher."""
+    max_steps: int = 0
+    """Optimizer steps of the supervised stage; 0 skips it."""
+    deepspeed: dict = field(default_factory=dict)
+    """DeepSpeed config of the supervised stage (ZeRO stage 3 with an optimizer)."""
+
+
+@dataclass
+class StudentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    deepspeed: dict = field(default_factory=dict)
+    """The student's DeepSpeed config: ZeRO stage 3, optimizer, scheduler,
+    ``train_micro_batch_size_per_gpu`` and ``gradient_accumulation_steps`` (the window length)."""
+
+
+@dataclass
+class TeacherConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    deepspeed: dict = field(default_factory=dict)
+    """The teacher's ZeRO-inference config: stage 3, no optimizer, optional
+    ``zero_optimization.offload_param`` to ``cpu`` or ``nvme``."""
+    sft: TeacherSFTConfig = field(default_factory=TeacherSFTConfig)
+
+
+@dataclass
+class DatasetSource:
+    path: Optional[str] = None
+    """A local ``.json``/``.jsonl``/``.parquet`` file, or a Hugging Face hub dataset name."""
+    builtin: Optional[Literal["arithmetic"]] = None
+    """A built-in synthetic task instead of ``path``."""
+    split: str = "train"
+    """Split to read (hub datasets; for ``builtin`` one of ``train``/``eval``)."""
+    name: Optional[str] = None
+    """Hub dataset config name."""
+    num_examples: Optional[int] = None
+    """Rows to use: the first N of the split (builtin: how many to generate)."""
+    seed: int = 0
+    """Builtin tasks: generation seed."""
+
+
+@dataclass
+class DataConfig:
+    train: DatasetSource = field(default_factory=DatasetSource)
+    eval: Optional[DatasetSource] = None
+    """Held-out split for evaluation; none disables evaluation."""
+    max_prompt_length: int = 512
+    """Prompt tokens (chat template included). A longer prompt is a bad row: never truncated."""
+    max_completion_length: int = 512
+    """Completion tokens kept (end-of-turn included); longer completions keep their start."""
+    on_bad_row: Literal["report", "error"] = "report"
+    """Rows with no assistant turn, an empty completion or an over-long prompt: ``report`` counts them
+    per reason, logs the counts at start and skips them; ``error`` stops at the first one."""
+    shuffle: bool = True
+
+
+@dataclass
+class DistillConfig:
+    loss: Literal["jsd"] = "jsd"
+    """Distillation loss (a shared tokenizer: generalized JSD)."""
+    beta: float = 0.5
+    """Generalized JSD interpolation: 0 = KL(teacher||student), 1 = KL(student||teacher)."""
+    temperature: float = 1.0
+    """Both logits are divided by it before the loss."""
+    lmbda: float = 0.5
+    """Probability that a micro-step is on-policy (completions sampled from the student)."""
+    seq_kd: bool = False
+    """Off-policy micro-steps train on completions sampled from the teacher instead of the dataset's."""
+    num_generations: int = 1
+    """Completions sampled per prompt on on-policy micro-steps."""
+    generation_batch_size: Optional[int] = None
+    """Prompts per rank per window; times ``num_generations`` it must equal micro batch x GA.
+    Default: micro batch x GA / num_generations."""
+
+
+@dataclass
+class RolloutConfig:
+    backend: Literal["transformers"] = "transformers"
+    """Generator of on-policy samples: transformers ``generate`` on the ZeRO-3 engine."""
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 disables top-k."""
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "gold_ds"
+    entity: Optional[str] = None
+    run_name: Optional[str] = None
+    """Default: ``run.name``."""
+    mode: Optional[Literal["online", "offline", "disabled"]] = None
+    """Default: W&B's own (``WANDB_MODE``)."""
+    tags: list = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 1
+    """Steps between metric records (console, JSONL, W&B)."""
+    progress_bar: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Steps between evaluations on ``data.eval``; 0 = only before training and at the end."""
+    num_examples: Optional[int] = None
+    """Eval rows used (default: all)."""
+    max_new_tokens: int = 32
+    """Greedy decoding length for exact-match accuracy and the sample table."""
+    num_samples: int = 4
+    """Rows of the (prompt, student, teacher) completion table logged per evaluation."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Steps between checkpoints; 0 disables them."""
+    keep_last: int = 2
+    """Checkpoints kept; older ones are deleted after a new one is complete."""
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True
+    """At the end, write a Hugging Face model (consolidated weights + tokenizer) to ``<output_dir>/export``."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "gold_ds"
+    output_dir: str = "runs/gold_ds"
+    """Metrics, checkpoints and the export go here."""
+    seed: int = 0
+    max_steps: int = 100
+    """Optimizer steps of distillation."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)

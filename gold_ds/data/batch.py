@@ -1,0 +1,78 @@
+"""Per-rank example streams and the tensors of one micro-step."""
+import torch
+
+
+class RankSampler:
+    """An endless, resumable stream of dataset indices for one rank.
+
+    Epoch ``e`` is a permutation of all rows drawn from ``seed + e`` (or the identity without
+    shuffle); rank ``r`` of ``w`` takes positions ``r, r + w, ...`` of it, cut to ``len // w`` so that
+    every rank's epoch has the same length (up to ``w - 1`` rows per epoch go unused, different ones
+    each epoch). The state is one integer, the number of indices taken so far, which every rank
+    advances by the same amount (the schedule is shared).
+    """
+
+    def __init__(self, num_rows: int, rank: int, world_size: int, seed: int, shuffle: bool = True):
+        if num_rows < world_size:
+            raise ValueError(f"{num_rows} usable rows cannot be split over {world_size} ranks")
+        self.num_rows, self.rank, self.world_size = num_rows, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.per_epoch = num_rows // world_size
+        self.consumed = 0
+        self._epoch, self._order = -1, None
+
+    def _epoch_order(self, epoch: int):
+        if epoch != self._epoch:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed + epoch)
+                perm = torch.randperm(self.num_rows, generator=g)
+            else:
+                perm = torch.arange(self.num_rows)
+            self._order = perm[self.rank::self.world_size][:self.per_epoch].tolist()
+            self._epoch = epoch
+        return self._order
+
+    def take(self, n: int) -> list:
+        out = []
+        for _ in range(n):
+            epoch, pos = divmod(self.consumed, self.per_epoch)
+            out.append(self._epoch_order(epoch)[pos])
+            self.consumed += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = int(state["consumed"])
+
+
+def training_batch(sequences: list, pad_id: int) -> dict:
+    """Right-padded tensors for teacher-forced forward passes.
+
+    ``sequences``: (prompt_ids, completion_ids) pairs. Returns ``input_ids``, ``attention_mask`` and
+    ``loss_mask``: ``loss_mask[b, t]`` is 1 where logits row ``t`` predicts a completion token
+    (token ``t + 1``); its shape is that of the logits without their last position.
+    """
+    lengths = [len(p) + len(c) for p, c in sequences]
+    T = max(lengths)
+    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(sequences), T), dtype=torch.long)
+    loss_mask = torch.zeros((len(sequences), T - 1), dtype=torch.bool)
+    for b, (p, c) in enumerate(sequences):
+        n = len(p) + len(c)
+        ids[b, :n] = torch.tensor(list(p) + list(c), dtype=torch.long)
+        attn[b, :n] = 1
+        loss_mask[b, len(p) - 1:n - 1] = True
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask}
+
+
+def prompt_batch(prompts: list, pad_id: int) -> dict:
+    """Left-padded prompts for generation."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(prompts), T), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        attn[b, T - len(p):] = 1
+    return {"input_ids": ids, "attention_mask": attn}

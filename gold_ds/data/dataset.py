@@ -1,0 +1,174 @@
+"""Datasets: reading rows, turning them into (prompt, completion) examples, tokenizing them.
+
+Two row formats (the field's usual ones):
+- conversational: ``{"messages": [{"role": ..., "content": ...}, ...]}``. The final message must be an
+  assistant turn: it is the completion; everything before it is the prompt. Rendered with the
+  tokenizer's chat template.
+- prompt/completion: ``{"prompt": ..., "completion": ...}``, either both message lists (rendered with
+  the chat template, the completion being the assistant turn) or both strings (plain text: prompt
+  tokens with the tokenizer's special tokens, completion tokens followed by EOS).
+An optional ``answer`` column holds the exact-match target used by evaluation.
+
+Tokenization and truncation rules:
+- prompt ids = the template rendered with ``add_generation_prompt=True``; completion ids = what the
+  full conversation adds after them, cut after the first EOS / end-of-turn token (so trailing
+  template text such as a newline after ``<|im_end|>`` is not trained on).
+- a prompt longer than ``max_prompt_length`` tokens is a bad row (never truncated: a cut prompt is a
+  different task); a completion longer than ``max_completion_length`` keeps its first tokens.
+- bad rows (``no_assistant_turn``, ``empty_completion``, ``prompt_too_long``) are counted per reason
+  and skipped, or raise ``BadRowError`` at the first one, per ``data.on_bad_row``.
+"""
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+BAD_ROW_REASONS = ("no_assistant_turn", "empty_completion", "prompt_too_long")
+
+
+class BadRowError(ValueError):
+    """A dataset row that cannot be trained on, with ``data.on_bad_row`` = ``error``."""
+
+
+@dataclass
+class Example:
+    prompt: Union[list, str]
+    """Chat messages before the completion, or plain prompt text."""
+    completion: str
+    answer: Optional[str] = None
+
+
+@dataclass
+class EncodedExample:
+    prompt_ids: list
+    completion_ids: list
+    example: Example
+
+
+@dataclass
+class EncodedDataset:
+    rows: list
+    bad_rows: Counter = field(default_factory=Counter)
+    truncated_completions: int = 0
+
+    def __len__(self):
+        return len(self.rows)
+
+    def report(self) -> str:
+        bad = ", ".join(f"{k}={v}" for k, v in sorted(self.bad_rows.items())) or "none"
+        return (f"{len(self.rows)} rows kept; bad rows skipped: {bad}; "
+                f"completions truncated to max_completion_length: {self.truncated_completions}")
+
+
+# ------------------------------------------------------------------------------------------ reading
+def read_rows(source) -> list:
+    """Rows of a ``DatasetSource`` as a list of dicts (local file, hub dataset, or a builtin task)."""
+    if source.builtin is not None:
+        from .builtin import builtin_rows
+        return builtin_rows(source.builtin, source.split, source.num_examples, source.seed)
+    import datasets
+    path = source.path
+    ext = os.path.splitext(path)[1].lower()
+    if os.path.isfile(path):
+        kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(ext)
+        if kind is None:
+            raise ValueError(f"dataset file {path!r}: unsupported extension {ext!r}; use .json, .jsonl or .parquet")
+        ds = datasets.load_dataset(kind, data_files=path, split="train")
+    elif ext in (".json", ".jsonl", ".parquet"):
+        raise FileNotFoundError(f"dataset file {path!r} does not exist")
+    else:
+        ds = datasets.load_dataset(path, source.name, split=source.split)
+    if source.num_examples is not None:
+        ds = ds.select(range(min(source.num_examples, len(ds))))
+    return list(ds)
+
+
+def to_example(row: dict) -> Union[Example, str]:
+    """A row as an ``Example``, or the reason it is bad."""
+    answer = row.get("answer")
+    answer = None if answer is None else str(answer)
+    if "messages" in row:
+        msgs = list(row["messages"] or [])
+        if not msgs or msgs[-1].get("role") != "assistant":
+            return "no_assistant_turn"
+        return _checked(Example(msgs[:-1], _text(msgs[-1]["content"]), answer))
+    if "prompt" in row and "completion" in row:
+        prompt, completion = row["prompt"], row["completion"]
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return _checked(Example(prompt, completion, answer))
+        if isinstance(prompt, list) and isinstance(completion, list):
+            if not completion or completion[-1].get("role") != "assistant":
+                return "no_assistant_turn"
+            return _checked(Example(list(prompt) + list(completion[:-1]), _text(completion[-1]["content"]), answer))
+        raise ValueError(f"row has prompt of type {type(prompt).__name__} and completion of type "
+                         f"{type(completion).__name__}: both must be strings or both message lists")
+    raise ValueError(f"row with columns {sorted(row)}: expected a 'messages' column (conversational) "
+                     "or 'prompt' and 'completion' columns")
+
+
+def _text(content) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+
+
+def _checked(ex: Example):
+    return ex if ex.completion.strip() else "empty_completion"
+
+
+# --------------------------------------------------------------------------------------- tokenizing
+def _template_ids(tokenizer, messages, add_generation_prompt):
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                        tokenize=True, return_dict=True)
+    return list(out["input_ids"])
+
+
+def encode_prompt(tokenizer, prompt) -> list:
+    if isinstance(prompt, str):
+        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    return _template_ids(tokenizer, prompt, add_generation_prompt=True)
+
+
+def encode_example(tokenizer, ex: Example) -> tuple:
+    """(prompt_ids, completion_ids) before truncation; completion ids end with EOS / end of turn."""
+    eos = tokenizer.eos_token_id
+    prompt_ids = encode_prompt(tokenizer, ex.prompt)
+    if isinstance(ex.prompt, str):
+        return prompt_ids, tokenizer(ex.completion, add_special_tokens=False)["input_ids"] + [eos]
+    full = _template_ids(tokenizer, list(ex.prompt) + [{"role": "assistant", "content": ex.completion}], False)
+    if full[:len(prompt_ids)] != prompt_ids:
+        raise ValueError("the chat template does not render the prompt (add_generation_prompt=True) as a "
+                         "prefix of the full conversation, so the completion cannot be split off; use a "
+                         "template whose generation prompt is a prefix of the rendered assistant turn")
+    completion = full[len(prompt_ids):]
+    if eos in completion:
+        completion = completion[:completion.index(eos) + 1]
+    return prompt_ids, completion
+
+
+def encode_dataset(tokenizer, rows: list, max_prompt_length: int, max_completion_length: int,
+                   on_bad_row: str = "report") -> EncodedDataset:
+    """Tokenize every row once; bad rows are counted (or raise ``BadRowError``), never silently dropped."""
+    out = EncodedDataset(rows=[])
+    for i, row in enumerate(rows):
+        ex = to_example(row)
+        reason = ex if isinstance(ex, str) else None
+        if reason is None:
+            prompt_ids, completion_ids = encode_example(tokenizer, ex)
+            if len(prompt_ids) > max_prompt_length:
+                reason = "prompt_too_long"
+        if reason is not None:
+            if on_bad_row == "error":
+                detail = (f" ({len(prompt_ids)} tokens > data.max_prompt_length={max_prompt_length})"
+                          if reason == "prompt_too_long" else "")
+                raise BadRowError(f"dataset row {i} is bad: {reason}{detail}; fix the data, or set "
+                                  "data.on_bad_row=report to count and skip such rows")
+            out.bad_rows[reason] += 1
+            continue
+        if len(completion_ids) > max_completion_length:
+            completion_ids = completion_ids[:max_completion_length]
+            out.truncated_completions += 1
+        out.rows.append(EncodedExample(prompt_ids, completion_ids, ex))
+    if not out.rows:
+        raise BadRowError(f"no usable rows: {out.report()}")
+    return out

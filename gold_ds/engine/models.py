@@ -1,0 +1,105 @@
+"""Building tokenizers and models, and wrapping them in DeepSpeed engines.
+
+Which ranks call what: every function here that touches a DeepSpeed engine or builds a model is
+called by every rank (construction under ZeRO-3 and consolidation are collective).
+"""
+import contextlib
+import copy
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(model_cfg):
+    """The model's tokenizer: a hub id / local dir, or ``builtin:<task>`` trained locally."""
+    name = model_cfg.tokenizer or model_cfg.name_or_path
+    if name.startswith("builtin:"):
+        from ..data.builtin import builtin_tokenizer
+        tok = builtin_tokenizer(name[len("builtin:"):])
+    else:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ValueError(f"tokenizer {name!r} has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def training_ds_config(ds: dict, world_size: int) -> dict:
+    """The DeepSpeed config of a training engine, with ``train_batch_size`` made explicit."""
+    ds = copy.deepcopy(ds)
+    ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size
+    ds.setdefault("steps_per_print", 10 ** 9)
+    return ds
+
+
+def inference_ds_config(ds: dict, micro_batch: int, world_size: int) -> dict:
+    """The teacher's ZeRO-inference config: DeepSpeed still wants batch sizes; they do not matter."""
+    ds = copy.deepcopy(ds)
+    ds.setdefault("train_micro_batch_size_per_gpu", micro_batch)
+    ds.setdefault("gradient_accumulation_steps", 1)
+    ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size
+    ds.setdefault("steps_per_print", 10 ** 9)
+    return ds
+
+
+@contextlib.contextmanager
+def _zero3_construction(ds_config: dict):
+    """While this is open, transformers builds models partitioned (``zero.Init``): no rank ever holds
+    a full copy. The ``HfDeepSpeedConfig`` must stay referenced for that; it is dropped on exit so
+    that later calls (e.g. ``generate``) do not silently change behaviour because of it."""
+    from transformers.integrations import HfDeepSpeedConfig
+    keep = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        del keep
+
+
+def build_model(model_cfg, ds_config: dict):
+    """A causal LM built partitioned under ZeRO-3, from a hub id / local dir or from a config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    dtype = _DTYPES[model_cfg.dtype]
+    with _zero3_construction(ds_config):
+        if model_cfg.name_or_path is not None:
+            model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=dtype,
+                                                         trust_remote_code=model_cfg.trust_remote_code)
+        else:
+            kwargs = dict(model_cfg.config)
+            config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+            torch.manual_seed(model_cfg.init_seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def build_training_engine(model_cfg, ds: dict, world_size: int):
+    """A ZeRO-3 training engine (optimizer and LR schedule from the DeepSpeed config)."""
+    import deepspeed
+    ds_config = training_ds_config(ds, world_size)
+    model = build_model(model_cfg, ds_config)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()],
+                                      config=ds_config)
+    engine.train()
+    return engine
+
+
+def build_inference_engine(model_cfg, ds: dict, micro_batch: int, world_size: int):
+    """A frozen ZeRO-inference engine: partitioned, no optimizer, no grads, optional offload."""
+    import deepspeed
+    ds_config = inference_ds_config(ds, micro_batch, world_size)
+    model = build_model(model_cfg, ds_config)
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine
+
+
+def local_parameter_share(engine) -> float:
+    """Fraction of the model's parameters this rank holds (about 1/world under ZeRO-3)."""
+    local = full = 0
+    for p in engine.module.parameters():
+        full += p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+    return local / full

@@ -1,0 +1,87 @@
+"""Evaluation on the held-out split: distillation loss per completion token, greedy exact-match
+accuracy (rows with an ``answer``) of student and teacher, and a table of sampled completions.
+
+Every rank calls ``run()``; rows are split evenly over ranks (the last ranks repeat a row, not
+counted, so that every rank runs the same number of collective forward passes).
+"""
+import math
+
+import torch
+import torch.distributed as dist
+
+from ..data.batch import training_batch
+from ..data.tasks import exact_match
+
+
+class Evaluator:
+    def __init__(self, data, eval_cfg, tokenizer, student, teacher, student_gen, teacher_gen,
+                 forward_logits, loss_fn, batch_size: int):
+        self.rows = data.rows[:eval_cfg.num_examples] if eval_cfg.num_examples else data.rows
+        self.cfg, self.tokenizer = eval_cfg, tokenizer
+        self.student, self.teacher = student, teacher
+        self.student_gen, self.teacher_gen = student_gen, teacher_gen
+        self.forward_logits, self.loss_fn, self.batch_size = forward_logits, loss_fn, batch_size
+        self.has_answers = all(r.example.answer is not None for r in self.rows)
+        self._teacher = None  # (correct count, table completions): the teacher is frozen
+
+    def _my_rows(self):
+        rank, world = dist.get_rank(), dist.get_world_size()
+        per = math.ceil(len(self.rows) / world)
+        idx = list(range(rank * per, min((rank + 1) * per, len(self.rows))))
+        counted = len(idx)
+        idx += [0] * (per - counted)
+        return [self.rows[i] for i in idx], counted
+
+    def _greedy(self, gen, rows):
+        out = []
+        for i in range(0, len(rows), self.batch_size):
+            chunk = rows[i:i + self.batch_size]
+            out += gen.generate([r.prompt_ids for r in chunk], 1, greedy=True, max_new_tokens=self.cfg.max_new_tokens)
+        return [self.tokenizer.decode(c, skip_special_tokens=True) for c in out]
+
+    def _correct(self, rows, texts, counted):
+        return sum(exact_match(t, r.example.answer) for r, t in zip(rows[:counted], texts[:counted]))
+
+    @torch.no_grad()
+    def run(self):
+        self.student.eval()
+        try:
+            return self._run()
+        finally:
+            self.student.train()
+
+    def _run(self):
+        rows, counted = self._my_rows()
+        loss_sum = tokens = 0.0
+        for i in range(0, len(rows), self.batch_size):
+            chunk = rows[i:i + self.batch_size]
+            batch = training_batch([(r.prompt_ids, r.completion_ids) for r in chunk], self.tokenizer.pad_token_id)
+            keep = torch.tensor([i + j < counted for j in range(len(chunk))])
+            batch["loss_mask"] &= keep[:, None]
+            batch = {k: v.to(self.student.device) for k, v in batch.items()}
+            t = self.forward_logits(self.teacher, batch)
+            s = self.forward_logits(self.student, batch)
+            loss_sum += self.loss_fn(s[batch["loss_mask"]], t[batch["loss_mask"]]).item()
+            tokens += float(batch["loss_mask"].sum())
+        stats = [loss_sum, tokens]
+        greedy_rows = rows if self.has_answers else rows[:self.cfg.num_samples]
+        student_texts = self._greedy(self.student_gen, greedy_rows)
+        if self._teacher is None:
+            teacher_texts = self._greedy(self.teacher_gen, greedy_rows)
+            correct = self._correct(rows, teacher_texts, counted) if self.has_answers else 0
+            self._teacher = (correct, teacher_texts[:self.cfg.num_samples])
+        if self.has_answers:
+            stats += [self._correct(rows, student_texts, counted), self._teacher[0]]
+        t = torch.tensor(stats, dtype=torch.float64)
+        dist.all_reduce(t)
+        metrics = {"loss": t[0].item() / t[1].item()}
+        if self.has_answers:
+            metrics["accuracy"] = t[2].item() / len(self.rows)
+            metrics["teacher_accuracy"] = t[3].item() / len(self.rows)
+        table = []
+        if dist.get_rank() == 0:
+            n = min(self.cfg.num_samples, counted)
+            for r, s, te in zip(rows[:n], student_texts[:n], self._teacher[1][:n]):
+                prompt = self.tokenizer.decode(r.prompt_ids, skip_special_tokens=False)
+                table.append([prompt, r.example.answer, s, te])
+        return metrics, table

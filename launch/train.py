@@ -1,0 +1,51 @@
+"""Distill a student from a teacher with GOLD on DeepSpeed.
+
+    deepspeed --num_gpus N launch/train.py --config ds_configs/<preset>.json [--resume] [KEY=VALUE ...]
+
+KEY=VALUE overrides any preset key by its dotted path (values are JSON, else strings), e.g.
+``max_steps=50 distill.beta=0.3 student.deepspeed.optimizer.params.lr=1e-4``.
+Works under the deepspeed launcher, torchrun, or any launcher that sets RANK/WORLD_SIZE/MASTER_ADDR.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from gold_ds.config import ConfigError, load_config  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="a JSON preset, e.g. ds_configs/demo-cpu.json")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="preset overrides by dotted key")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"gold_ds: {e}", file=sys.stderr)
+        return 2
+
+    import torch
+    from deepspeed.accelerator import get_accelerator
+    if get_accelerator().device_name() == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+
+    import torch.distributed as dist
+    from gold_ds.trainer import Trainer
+    Trainer(cfg, resume=args.resume).train()
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # a hard exit: after gloo autograd collectives the interpreter's own teardown sometimes aborts
+    # ("terminate called without an active exception") although the run completed
+    os._exit(code)
