@@ -60,8 +60,9 @@ def hybrid_uld(s, t, student_ids, teacher_ids, beta=0.5, matched_weight=None, un
     k, vs, vt = len(student_ids), s.shape[-1], t.shape[-1]
     w_m = k / vt if matched_weight is None else matched_weight
     w_u = 1 - k / vt if unmatched_weight is None else unmatched_weight
-    s_un = [i for i in range(vs) if i not in set(student_ids.tolist())]
-    t_un = [i for i in range(vt) if i not in set(teacher_ids.tolist())]
+    s_matched, t_matched = set(student_ids.tolist()), set(teacher_ids.tolist())
+    s_un = [i for i in range(vs) if i not in s_matched]
+    t_un = [i for i in range(vt) if i not in t_matched]
     matched = jsd_rows(p[..., student_ids], q[..., teacher_ids], beta, True)
     unmatched = sorted_l1_rows(p[..., s_un], q[..., t_un])
     return reduce_rows(w_m * matched + w_u * unmatched, mask, reduction)

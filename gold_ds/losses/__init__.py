@@ -12,7 +12,7 @@ time. For each chunk it computes the row losses and, in closed form, their gradi
 to the chunk's logits (and log scales), and writes them into a stored input-sized gradient; backward
 only scales that by grad_output (once: a second backward raises). Extra memory is therefore the
 stored gradient (the size of the inputs that need one, in their dtype) plus O(chunk_size x V) fp32.
-``chunk_size=None`` targets 4 MiB per fp32 [chunk_size, V] block.
+``chunk_size=None`` targets 8 MiB per fp32 [chunk_size, V] block.
 
 Vocabulary sharding (``group``, Megatron vocab-parallel convention): each rank passes the contiguous
 slice of the vocabulary it owns, in rank order, sizes may differ; every rank must pass the same rows,
@@ -23,7 +23,8 @@ with no world-size factor (the trap of backpropagating through torch.distributed
 
 - generalized_jsd needs only per-row scalars across shards: per chunk of n rows, a MAX all_reduce
   of [n, 2] (row maxima), a SUM all_reduce of [n, 2] (softmax denominators) and a SUM all_reduce of
-  [3, n] (row loss and the two sum(r) terms of the softmax chain rule): 7 floats per row.
+  [2, n] (the two sum(r) terms of the softmax chain rule, from which the row loss also follows):
+  6 floats per row.
 - uld and hybrid_uld are moved to a row-sharded layout. Design note: the sorted L1 pairs the k-th
   largest student value with the k-th largest teacher value, so a row's loss depends on how the
   shards' values interleave in one global order; no fixed number of per-row scalars determines

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 # Bytes of one fp32 [chunk_size, V] block when chunk_size is chosen automatically. A kernel holds
-# about a dozen such blocks (sort indices count double), so the working set is ~50 MiB per chunk.
-CHUNK_BYTES = 4 << 20
+# about a dozen such blocks (sort indices count double), so the working set is ~100-150 MiB per chunk.
+CHUNK_BYTES = 8 << 20
 REDUCTIONS = ("mean", "sum")
 
 
@@ -148,7 +148,7 @@ def chunked_loss(kernel, student, teacher, student_log_scale, teacher_log_scale,
             total += row_loss.sum(dtype=torch.float64)
             for g, cg in zip(grads, chunk_grads):
                 if g is not None:
-                    g[rows] = cg.mul_(weight).to(g.dtype)
+                    g[rows] = (cg if weight == 1.0 else cg.mul_(weight)).to(g.dtype)
         return (total * weight).float(), grads
 
     return _ChunkedLoss.apply(run, *inputs)

@@ -21,6 +21,10 @@ def row_sums(xs, group):
     return s
 
 
+def scale_logits(z, temperature):
+    return z if temperature == 1.0 else z / temperature
+
+
 def log_softmax(zs, group):
     """log_softmax of each [n, v] tensor in ``zs``; under ``group`` the last dim is a vocab shard and
     normalization spans all shards (one MAX and one SUM all_reduce of [n, len(zs)] for all of them)."""
@@ -37,34 +41,33 @@ def log_softmax(zs, group):
 def jsd_terms(la, a, lb, b, beta, generalized):
     """Generalized JSD between teacher ``a`` and student ``b`` (log values ``la``, ``lb``).
 
-    Returns (terms, r_a, r_b): per-element loss terms and ``x * dL/dx`` for both sides.
+    Returns (r_a, r_b, (c_a, c_b)): ``x * dL/dx`` for both sides, and the per-element loss terms as
+    ``c_a * r_a + c_b * r_b`` (c in {0, 1}; sum the r's first, they are summed anyway).
     0 < beta < 1: terms = beta*a*log(a/m) + (1-beta)*b*log(b/m), m = beta*a + (1-beta)*b; each term is
-    the Jensen gap of x*log(x), so it is >= 0 even when ``a`` and ``b`` are not normalized.
+    the Jensen gap of x*log(x), so it is >= 0 even when ``a`` and ``b`` are not normalized. log(m)
+    is taken of m itself (clamped to the smallest normal float: where m underflows, a and b do too
+    and their terms are 0); the log-ratios use the exact ``la``, ``lb``.
     beta == 0: KL(a||b) = a*log(a/b); beta == 1: KL(b||a). With ``generalized`` the endpoints add
     ``b - a`` (resp. ``a - b``), the I-divergence, which is >= 0 on sub-vectors too and equals KL on
     distributions. The r's are the same either way on normalized rows (the differences cancel in
     the softmax chain rule), so they are always those of the generalized form.
     """
     if beta == 0.0:
-        r_a = a * (la - lb)
-        r_b = b - a
-        return (r_a + r_b if generalized else r_a), r_a, r_b
+        return a * (la - lb), b - a, (1, int(generalized))
     if beta == 1.0:
-        r_b = b * (lb - la)
-        r_a = a - b
-        return (r_b + r_a if generalized else r_b), r_a, r_b
-    lm = torch.logaddexp(la + math.log(beta), lb + math.log1p(-beta))
-    r_a = (la - lm).mul_(a).mul_(beta)
-    r_b = (lb - lm).mul_(b).mul_(1.0 - beta)
-    return r_a + r_b, r_a, r_b
+        return a - b, b * (lb - la), (int(generalized), 1)
+    a_part, b_part = a * beta, b * (1.0 - beta)
+    lm = (a_part + b_part).clamp_min_(torch.finfo(a.dtype).tiny).log_()
+    return (la - lm).mul_(a_part), (lb - lm).mul_(b_part), (1, 1)
 
 
-def sorted_l1(a, b):
+def sorted_l1(a, b, need_r_a=True):
     """ULD distance: L1 between ``a`` and ``b`` each sorted descending, the shorter zero-padded.
 
-    Rows [n, Va], [n, Vb] of non-negative values; returns (row_loss, r_a, r_b). The sort is stable,
-    so tied values are ranked by column index: that fixes the subgradient used at ties (the loss is
-    not differentiable there) and makes it the same whether or not the vocabulary is sharded.
+    Rows [n, Va], [n, Vb] of non-negative values; returns (row_loss, r_a or None unless
+    ``need_r_a``, r_b). The sort is stable, so tied values are ranked by column index: that fixes
+    the subgradient used at ties (the loss is not differentiable there) and makes it the same
+    whether or not the vocabulary is sharded.
     """
     sa, ia = a.sort(dim=-1, descending=True, stable=True)
     sb, ib = b.sort(dim=-1, descending=True, stable=True)
@@ -74,10 +77,15 @@ def sorted_l1(a, b):
     sign = d.sign_()
     # r in sorted order is value * sign; past the common length the partner is a zero pad: sign +1.
     sb[:, :k] *= sign
+    r_b = b.new_empty(b.shape).scatter_(-1, ib, sb)
+    if not need_r_a:
+        return loss, None, r_b
     sa[:, :k] *= sign.neg_()
-    return loss, a.new_empty(a.shape).scatter_(-1, ia, sa), b.new_empty(b.shape).scatter_(-1, ib, sb)
+    return loss, a.new_empty(a.shape).scatter_(-1, ia, sa), r_b
 
 
 def to_logit_grad(r, p, r_sum, temperature):
-    """dL/dz for p = softmax(z / T): (r - p * sum(r)) / T, with ``r_sum`` the full-vocabulary sum."""
-    return r.sub_(p * r_sum[:, None]).div_(temperature)
+    """dL/dz for p = softmax(z / T): (r - p * sum(r)) / T, with ``r_sum`` the full-vocabulary sum
+    (computed in place in ``r``)."""
+    r.addcmul_(p, r_sum[:, None], value=-1.0)
+    return r if temperature == 1.0 else r.div_(temperature)

@@ -1,7 +1,7 @@
 """Generalized Jensen-Shannon divergence between student and teacher over a shared vocabulary."""
 
 from . import _base
-from ._math import jsd_terms, log_softmax, row_sums, to_logit_grad
+from ._math import jsd_terms, log_softmax, row_sums, scale_logits, to_logit_grad
 
 
 def generalized_jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, mask=None,
@@ -24,7 +24,7 @@ def generalized_jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0
         chunk_size: rows per chunk (forward and backward); None picks it from the vocabulary size.
 
     Returns a 0-dim fp32 tensor. Sharded: per chunk, one MAX all_reduce of [n, 2], one SUM
-    all_reduce of [n, 2] and one SUM all_reduce of [3, n] fp32 scalars, all in forward; backward is
+    all_reduce of [n, 2] and one SUM all_reduce of [2, n] fp32 scalars, all in forward; backward is
     local (every rank holds the same loss, so its gradient is just its own slice).
     """
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
@@ -42,12 +42,12 @@ def generalized_jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0
     beta, temperature = float(beta), float(temperature)
 
     def kernel(s, t, _s_scale, _t_scale, need):
-        lb, la = log_softmax([s / temperature, t / temperature], group)
+        lb, la = log_softmax([scale_logits(s, temperature), scale_logits(t, temperature)], group)
         b, a = lb.exp(), la.exp()
-        terms, r_a, r_b = jsd_terms(la, a, lb, b, beta, generalized=False)
-        sums = row_sums([terms, r_b, r_a], group)
-        g_s = to_logit_grad(r_b, b, sums[1], temperature) if need[0] else None
-        g_t = to_logit_grad(r_a, a, sums[2], temperature) if need[1] else None
-        return sums[0], g_s, g_t, None, None
+        r_a, r_b, (c_a, c_b) = jsd_terms(la, a, lb, b, beta, generalized=False)
+        sum_a, sum_b = row_sums([r_a, r_b], group)
+        g_s = to_logit_grad(r_b, b, sum_b, temperature) if need[0] else None
+        g_t = to_logit_grad(r_a, a, sum_a, temperature) if need[1] else None
+        return c_a * sum_a + c_b * sum_b, g_s, g_t, None, None
 
     return _base.chunked_loss(kernel, student_logits, teacher_logits, None, None, mask, reduction, chunk_size)

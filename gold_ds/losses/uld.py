@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from . import _base
-from ._math import jsd_terms, sorted_l1, to_logit_grad
+from ._math import jsd_terms, scale_logits, sorted_l1, to_logit_grad
 
 
 def _check_pair(student_logits, teacher_logits, student_temperature, teacher_temperature,
@@ -30,7 +30,7 @@ def _check_pair(student_logits, teacher_logits, student_temperature, teacher_tem
 
 def _scaled_probs(z, temperature, log_scale):
     """(p, log x, x) with p = softmax(z / T) and x = p * exp(log_scale) per row."""
-    lp = torch.log_softmax(z / temperature, -1)
+    lp = torch.log_softmax(scale_logits(z, temperature), -1)
     if log_scale is None:
         p = lp.exp()
         return p, lp, p
@@ -39,8 +39,10 @@ def _scaled_probs(z, temperature, log_scale):
 
 
 def _grads(need, r_b, p_s, ts, r_a, p_t, tt):
-    """Turn r = x * dL/dx of student (b) and teacher (a) into the kernel's four gradients."""
-    sum_b, sum_a = r_b.sum(-1), r_a.sum(-1)
+    """Turn r = x * dL/dx of student (b) and teacher (a) into the kernel's four gradients
+    (``r_a`` may be None when neither teacher gradient is needed)."""
+    sum_b = r_b.sum(-1)
+    sum_a = r_a.sum(-1) if r_a is not None else None
     return (to_logit_grad(r_b, p_s, sum_b, ts) if need[0] else None,
             to_logit_grad(r_a, p_t, sum_a, tt) if need[1] else None,
             sum_b if need[2] else None,
@@ -117,7 +119,7 @@ def uld(student_logits, teacher_logits, *, student_temperature=1.0, teacher_temp
     def kernel(s, t, s_scale, t_scale, need):
         p_s, _, b = _scaled_probs(s, ts, s_scale)
         p_t, _, a = _scaled_probs(t, tt, t_scale)
-        loss, r_a, r_b = sorted_l1(a, b)
+        loss, r_a, r_b = sorted_l1(a, b, need_r_a=need[1] or need[3])
         return (loss, *_grads(need, r_b, p_s, ts, r_a, p_t, tt))
 
     return _base.chunked_loss(_row_layout(kernel, group, every), student_logits, teacher_logits,
@@ -181,11 +183,14 @@ def hybrid_uld(student_logits, teacher_logits, student_ids, teacher_ids, *, beta
     def kernel(s, t, s_scale, t_scale, need):
         p_s, lb, b = _scaled_probs(s, ts, s_scale)
         p_t, la, a = _scaled_probs(t, tt, t_scale)
-        terms, r_a_m, r_b_m = jsd_terms(la[:, t_ids], a[:, t_ids], lb[:, s_ids], b[:, s_ids], beta, generalized=True)
-        loss_u, r_a_u, r_b_u = sorted_l1(a[:, t_un], b[:, s_un])
-        loss = terms.sum(-1).mul_(w_m).add_(loss_u, alpha=w_u)
+        r_a_m, r_b_m, _ = jsd_terms(la[:, t_ids], a[:, t_ids], lb[:, s_ids], b[:, s_ids], beta, generalized=True)
+        need_r_a = need[1] or need[3]
+        loss_u, r_a_u, r_b_u = sorted_l1(a[:, t_un], b[:, s_un], need_r_a)
+        loss = (r_a_m.sum(-1) + r_b_m.sum(-1)).mul_(w_m).add_(loss_u, alpha=w_u)  # generalized: both count
         r_b = b.new_empty(b.shape).index_copy_(1, s_ids, r_b_m.mul_(w_m)).index_copy_(1, s_un, r_b_u.mul_(w_u))
-        r_a = a.new_empty(a.shape).index_copy_(1, t_ids, r_a_m.mul_(w_m)).index_copy_(1, t_un, r_a_u.mul_(w_u))
+        r_a = None
+        if need_r_a:
+            r_a = a.new_empty(a.shape).index_copy_(1, t_ids, r_a_m.mul_(w_m)).index_copy_(1, t_un, r_a_u.mul_(w_u))
         return (loss, *_grads(need, r_b, p_s, ts, r_a, p_t, tt))
 
     return _base.chunked_loss(_row_layout(kernel, group, every), student_logits, teacher_logits,
