@@ -78,10 +78,10 @@ class Evaluator:
         if self.has_answers:
             metrics["accuracy"] = t[2].item() / len(self.rows)
             metrics["teacher_accuracy"] = t[3].item() / len(self.rows)
-        table = []
-        if dist.get_rank() == 0:
-            n = min(self.cfg.num_samples, counted)
-            for r, s, te in zip(rows[:n], student_texts[:n], self._teacher[1][:n]):
-                prompt = self.tokenizer.decode(r.prompt_ids, skip_special_tokens=False)
-                table.append([prompt, r.example.answer, s, te])
+        n = min(self.cfg.num_samples, counted)
+        mine = [[self.tokenizer.decode(r.prompt_ids, skip_special_tokens=False), r.example.answer, s, te]
+                for r, s, te in zip(rows[:n], student_texts[:n], self._teacher[1][:n])]
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        table = [row for rank_rows in everyone for row in rank_rows][:self.cfg.num_samples]
         return metrics, table

@@ -1,0 +1,98 @@
+"""Shared test helpers: a tiny preset, and running a function on N DeepSpeed ranks from pytest."""
+import copy
+import os
+import socket
+import sys
+import traceback
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# one cache for DeepSpeed's C++ ops (the shared-memory comm op is built once, ~60 s, then reused)
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "gold_ds_torch_extensions"))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def _llama(hidden, layers, heads):
+    return {"model_type": "llama", "vocab_size": 274, "hidden_size": hidden, "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads,
+            "max_position_embeddings": 64, "tie_word_embeddings": False,
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+
+
+def _ds(micro, ga, lr=1e-3, optimizer="AdamW"):
+    return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": ga,
+            "zero_allow_untested_optimizer": optimizer == "SGD",
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+            "optimizer": {"type": optimizer, "params": {"lr": lr} if optimizer == "SGD" else
+                          {"lr": lr, "torch_adam": True}}}
+
+
+def tiny_raw(output_dir, micro=2, ga=2, **top) -> dict:
+    """A complete preset with tiny models (student 32 wide, teacher 64 wide) on the arithmetic task."""
+    raw = {
+        "name": "tiny", "output_dir": str(output_dir), "seed": 0, "max_steps": 2,
+        "student": {"model": {"config": _llama(32, 2, 2), "tokenizer": "builtin:arithmetic", "init_seed": 1},
+                    "deepspeed": _ds(micro, ga)},
+        "teacher": {"model": {"config": _llama(64, 2, 2), "tokenizer": "builtin:arithmetic", "init_seed": 7},
+                    "deepspeed": {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}},
+        "data": {"train": {"builtin": "arithmetic", "split": "train", "num_examples": 64},
+                 "max_prompt_length": 32, "max_completion_length": 8},
+        "distill": {"beta": 0.5, "lmbda": 0.5},
+        "rollout": {"max_new_tokens": 4},
+        "logging": {"progress_bar": False},
+        "export": {"enabled": False},
+    }
+    raw.update(copy.deepcopy(top))
+    return raw
+
+
+def ds_section(micro, ga, **kw):
+    return _ds(micro, ga, **kw)
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _worker(rank, world, port, fn, args, err_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    import torch
+    torch.set_num_threads(1)
+    code = 0
+    try:
+        fn(*args)
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(err_dir, f"error-rank{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # see launch/train.py: interpreter teardown after gloo autograd collectives may abort
+
+
+def run_ranks(fn, world, *args, err_dir):
+    """Run ``fn(*args)`` on ``world`` spawned ranks (env as a launcher sets it); fail with the
+    ranks' tracebacks if any rank raised."""
+    import torch.multiprocessing as mp
+    os.makedirs(err_dir, exist_ok=True)
+    ctx = mp.spawn(_worker, args=(world, free_port(), fn, args, err_dir), nprocs=world, join=False)
+    crashed = None
+    try:
+        while not ctx.join():
+            pass
+    except Exception as e:  # a rank failed; spawn has terminated the others
+        crashed = e
+    errors = sorted(f for f in os.listdir(err_dir) if f.startswith("error-rank"))
+    if errors or crashed:
+        pytest.fail("\n".join(open(os.path.join(err_dir, f)).read() for f in errors) or repr(crashed))

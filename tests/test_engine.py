@@ -1,0 +1,247 @@
+"""The engine on 2 DeepSpeed ranks (gloo, CPU), spawned from pytest.
+
+test_engines_gradients_schedule: ZeRO-3 partitioning of both models, a frozen teacher, identical
+on/off-policy flags on all ranks, generation with uneven lengths, and the step's gradient: equal for
+GA=2 x micro 2 and GA=1 x micro 4, and equal to an fp64 reference of the mean per-token generalized
+JSD over the whole window of both ranks (computed here from the plain formula).
+
+test_resume_export_wandb: a run resumed from a checkpoint reproduces the uninterrupted run's next
+losses exactly; the export reloads with from_pretrained and gives the engine's logits; W&B offline
+files hold the metrics.
+"""
+import glob
+import json
+import os
+
+import torch
+
+from conftest import run_ranks, tiny_raw
+
+WORLD = 2
+
+
+def _jsd_fp64(s_logits, t_logits, beta, temperature):
+    """Plain generalized JSD per row, fp64: beta*KL(Pt||M) + (1-beta)*KL(Ps||M), M = beta*Pt + (1-beta)*Ps."""
+    ls = torch.log_softmax(s_logits / temperature, -1)
+    lt = torch.log_softmax(t_logits / temperature, -1)
+    m = beta * lt.exp() + (1 - beta) * ls.exp()
+    kl_t = (lt.exp() * (lt - m.log())).sum(-1)
+    kl_s = (ls.exp() * (ls - m.log())).sum(-1)
+    return beta * kl_t + (1 - beta) * kl_s
+
+
+def _plain_model(model_cfg, state):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    kw = dict(model_cfg.config)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kw.pop("model_type"), **kw))
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model.double()
+
+
+def _engines_gradients_schedule(tmp):
+    import torch.distributed as dist
+    from gold_ds.config import load_config
+    from gold_ds.data import RankSampler
+    from gold_ds.engine import local_parameter_share
+    from gold_ds.trainer import Trainer
+
+    grads_of, reference = {}, None
+    for name, micro, ga in (("ga2x2", 2, 2), ("ga1x4", 4, 1)):
+        raw = tiny_raw(os.path.join(tmp, name), micro=micro, ga=ga,
+                       distill={"beta": 0.3, "temperature": 1.5, "lmbda": 0.0})
+        cfg = load_config(raw=raw)
+        tr = Trainer(cfg)
+        rank = dist.get_rank()
+        grads = _capture_step_gradients(tr.student)
+        before = tr.student._zero3_consolidated_16bit_state_dict()
+        teacher_state = tr.teacher._zero3_consolidated_16bit_state_dict()
+        rows = tr.train_data.rows
+        idx = RankSampler(len(rows), rank, WORLD, cfg.seed, True).take(micro * ga)
+        window = [None] * WORLD
+        dist.all_gather_object(window, [(rows[i].prompt_ids, rows[i].completion_ids) for i in idx])
+        tr.train_step()
+
+        if name == "ga2x2":
+            # each rank holds ~1/world of each model; the teacher is frozen and never gets a grad
+            for engine in (tr.student, tr.teacher):
+                assert abs(local_parameter_share(engine) - 1 / WORLD) < 0.02, local_parameter_share(engine)
+            assert all(not p.requires_grad and p.grad is None for p in tr.teacher.module.parameters())
+            _check_schedule(tr)
+            _check_uneven_generation(tr)
+            if rank == 0:
+                reference = _reference_gradient(cfg, before, teacher_state, [s for w in window for s in w])
+        grads_of[name] = grads
+        tr.student.destroy()
+        tr.teacher.destroy()
+
+    if dist.get_rank() == 0:
+        scale = max(g.abs().max().item() for g in reference.values())
+        for k, g in reference.items():
+            ga_diff = (grads_of["ga2x2"][k] - grads_of["ga1x4"][k]).abs().max().item()
+            assert ga_diff <= 1e-5 * scale, f"{k}: GA=2x2 vs GA=1x4 gradients differ by {ga_diff:.2e}"
+            ref_diff = (grads_of["ga2x2"][k] - g).abs().max().item()
+            assert ref_diff <= 1e-5 * scale, f"{k}: gradient differs from the fp64 reference by {ref_diff:.2e}"
+
+
+def _capture_step_gradients(engine):
+    """Record the full (all-rank) gradient of every parameter just before the optimizer applies it."""
+    from deepspeed.utils import safe_get_full_grad
+    grads, step = {}, engine.step
+
+    def recording_step():
+        if engine.is_gradient_accumulation_boundary():
+            for n, p in engine.module.named_parameters():
+                grads[n] = safe_get_full_grad(p).double().clone()  # collective: every rank calls it
+        step()
+    engine.step = recording_step
+    return grads
+
+
+def _reference_gradient(cfg, student_state, teacher_state, sequences):
+    """d/dW of (sum over all completion tokens of both ranks of the JSD) / (their number), fp64."""
+    student = _plain_model(cfg.student.model, student_state)
+    teacher = _plain_model(cfg.teacher.model, teacher_state)
+    total, n = 0.0, 0
+    for prompt, completion in sequences:
+        ids = torch.tensor([list(prompt) + list(completion)])
+        rows = slice(len(prompt) - 1, ids.shape[1] - 1)  # rows predicting the completion tokens
+        with torch.no_grad():
+            t = teacher(input_ids=ids).logits[0, rows]
+        s = student(input_ids=ids).logits[0, rows]
+        total = total + _jsd_fp64(s, t, cfg.distill.beta, cfg.distill.temperature).sum()
+        n += len(completion)
+    (total / n).backward()
+    return {k: p.grad.detach() for k, p in student.named_parameters()}
+
+
+def _check_schedule(tr):
+    """Flags are drawn on rank 0 and broadcast: identical on every rank although the ranks' own RNGs
+    differ; with lmbda=0.5 over many steps both kinds occur."""
+    import torch.distributed as dist
+    tr.cfg.distill.lmbda = 0.5
+    flags = [tr._draw_policy(step) for step in range(40)]
+    tr.cfg.distill.lmbda = 0.0
+    everyone = [None] * WORLD
+    dist.all_gather_object(everyone, flags)
+    assert everyone[0] == everyone[1]
+    drawn = [f for step in flags for f in step]
+    assert 0 < sum(drawn) < len(drawn)
+    local_rng = [None] * WORLD
+    dist.all_gather_object(local_rng, torch.rand(1).item())
+    assert local_rng[0] != local_rng[1]
+
+
+def _check_uneven_generation(tr):
+    """Rank 0 stops after one token, rank 1 runs to the limit: synced generation neither hangs nor crashes."""
+    import torch.distributed as dist
+    gen = tr.student_gen
+    rank = dist.get_rank()
+    prompts = [r.prompt_ids for r in tr.train_data.rows[rank * 3:rank * 3 + 2 + rank]]  # 2 vs 3 prompts
+    first = gen.generate(prompts, 1, greedy=True, max_new_tokens=6)
+    eos = gen.eos_id
+    if rank == 0:
+        gen.eos_id = first[0][0]  # the first greedy token of prompt 0 now ends it at once
+    else:
+        unused = set(range(len(tr.tokenizer))) - {t for c in first for t in c}
+        gen.eos_id = min(unused)  # never produced greedily: every sample runs to the limit
+    out = gen.generate(prompts, 1, greedy=True, max_new_tokens=6)
+    gen.eos_id = eos
+    if rank == 0:
+        assert len(out[0]) == 1
+    else:
+        assert [len(c) for c in out] == [6, 6, 6]
+
+
+def test_engines_gradients_schedule(tmp_path):
+    run_ranks(_engines_gradients_schedule, WORLD, str(tmp_path), err_dir=str(tmp_path / "errors"))
+
+
+# ----------------------------------------------------------------------------------------------------
+def _losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def _resume_export_wandb(tmp):
+    import torch.distributed as dist
+    from gold_ds.config import load_config
+    from gold_ds.trainer import Trainer
+
+    def preset(out, **kw):
+        raw = tiny_raw(out, **kw)
+        raw["student"]["deepspeed"]["scheduler"] = {"type": "WarmupCosineLR",
+                                                    "params": {"total_num_steps": 8, "warmup_num_steps": 2}}
+        raw["distill"] = {"beta": 0.5, "lmbda": 0.5}
+        raw["rollout"] = {"max_new_tokens": 4, "temperature": 1.0}
+        return raw
+
+    interrupted = os.path.join(tmp, "interrupted")
+    whole = os.path.join(tmp, "whole")
+    Trainer(load_config(raw=preset(interrupted, max_steps=2, checkpoint={"every": 2, "keep_last": 1}))).train()
+    Trainer(load_config(raw=preset(interrupted, max_steps=4)), resume=True).train()
+    raw = preset(whole, max_steps=4, export={"enabled": True},
+                 logging={"progress_bar": False, "wandb": {"enabled": True, "mode": "offline", "project": "t"}})
+    raw["data"]["eval"] = {"builtin": "arithmetic", "split": "eval", "num_examples": 4}
+    tr = Trainer(load_config(raw=raw))
+    tr.train()
+
+    probe = torch.tensor([tr.train_data.rows[0].prompt_ids + tr.train_data.rows[0].completion_ids])
+    tr.student.eval()
+    with torch.no_grad():
+        engine_logits = tr.student(input_ids=probe).logits
+    if dist.get_rank() == 0:
+        resumed, uninterrupted = _losses(interrupted), _losses(whole)
+        assert sorted(resumed) == [1, 2, 3, 4] and sorted(uninterrupted) == [1, 2, 3, 4]
+        assert resumed[3] == uninterrupted[3] and resumed[4] == uninterrupted[4], (resumed, uninterrupted)
+        assert resumed[1] == uninterrupted[1]
+        ckpts = sorted(d for d in os.listdir(os.path.join(interrupted, "checkpoints")) if d.startswith(("step-", "latest")))
+        assert ckpts == ["latest", "step-2"], ckpts  # complete, renamed from step-2.tmp
+
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        exported = AutoModelForCausalLM.from_pretrained(os.path.join(whole, "export")).eval()
+        with torch.no_grad():
+            diff = (exported(input_ids=probe).logits - engine_logits).abs().max().item()
+        assert diff <= 1e-6, f"exported model's logits differ by {diff:.2e}"
+        tok = AutoTokenizer.from_pretrained(os.path.join(whole, "export"))
+        assert tok.get_vocab() == tr.tokenizer.get_vocab()
+
+        runs = glob.glob(os.path.join(whole, "wandb", "offline-run-*", "run-*.wandb"))
+        assert len(runs) == 1, runs
+        history = {}
+        for rec in _wandb_records(runs[0]):
+            if rec.WhichOneof("record_type") == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+                history.setdefault(items["_step"], {}).update(items)
+        assert {step: history[step]["loss"] for step in range(1, 5)} == uninterrupted
+        for key in ("tokens", "time/rollout", "time/teacher", "time/student", "time/optimizer", "on_policy_share"):
+            assert key in history[4], key
+        assert "eval/accuracy" in history[0] and "eval/accuracy" in history[4]
+        assert history[4]["eval/samples/_type"] == "table-file" and history[4]["eval/samples/nrows"] == 4
+
+
+def _wandb_records(path):
+    """The protobuf records of a W&B offline run file (a LevelDB-style log: a 7-byte header, then
+    32 KiB blocks of chunks, each with a 7-byte header: crc32, little-endian length, chunk type)."""
+    import struct
+    from wandb.proto import wandb_internal_pb2
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:4] == b":W&B"
+    pos, block, payload = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        payload += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST chunk: a record is complete
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(payload)
+            payload = b""
+            yield rec
+
+
+def test_resume_export_wandb(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_ranks(_resume_export_wandb, WORLD, str(tmp_path), err_dir=str(tmp_path / "errors"))
