@@ -1,0 +1,102 @@
+"""The run config: presets load, overrides apply, and every invalid value fails at start with a
+message naming the key, the value and what is valid."""
+import glob
+import json
+import os
+
+import pytest
+
+from conftest import REPO, tiny_raw
+from gold_ds.config import ConfigError, load_config, validate_world
+
+
+def test_every_preset_loads():
+    presets = glob.glob(os.path.join(REPO, "ds_configs", "*.json"))
+    assert presets
+    for path in presets:
+        cfg = load_config(path)
+        assert cfg.student.deepspeed["zero_optimization"]["stage"] == 3
+
+
+def test_overrides_reach_any_key(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(tiny_raw(tmp_path)))
+    cfg = load_config(str(path), ["distill.beta=0.25", "max_steps=7", "name=abc",
+                                  "student.deepspeed.optimizer.params.lr=0.5",
+                                  "teacher.deepspeed.zero_optimization.offload_param={\"device\": \"cpu\"}",
+                                  "data.eval={\"builtin\": \"arithmetic\", \"split\": \"eval\"}"])
+    assert cfg.distill.beta == 0.25 and cfg.max_steps == 7 and cfg.name == "abc"
+    assert cfg.student.deepspeed["optimizer"]["params"]["lr"] == 0.5
+    assert cfg.teacher.deepspeed["zero_optimization"]["offload_param"] == {"device": "cpu"}
+    assert cfg.data.eval.split == "eval"
+    assert json.loads(path.read_text())["distill"]["beta"] == 0.5  # the preset file is untouched
+
+
+def _error(tmp_path, overrides=(), mutate=None):
+    raw = tiny_raw(tmp_path)
+    if mutate:
+        mutate(raw)
+    with pytest.raises(ConfigError) as e:
+        load_config(raw=raw, overrides=overrides)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("distill.bta=0.3", ["distill.bta", "unknown", "beta"]),
+    ("nonsense=1", ["nonsense", "unknown"]),
+    ("distill.beta=\"high\"", ["distill.beta", "'high'", "number"]),
+    ("distill.beta=1.5", ["distill.beta", "1.5", "[0, 1]"]),
+    ("distill.lmbda=-0.1", ["distill.lmbda", "-0.1", "[0, 1]"]),
+    ("distill.temperature=0", ["distill.temperature", "0", "> 0"]),
+    ("max_steps=2.5", ["max_steps", "2.5", "integer"]),
+    ("distill.seq_kd=1", ["distill.seq_kd", "1", "true or false"]),
+    ("distill.loss=\"kl\"", ["distill.loss", "'kl'", "'jsd'"]),
+    ("data.on_bad_row=\"skip\"", ["data.on_bad_row", "'skip'", "'report'", "'error'"]),
+    ("distill.num_generations=3", ["distill.num_generations", "3", "must divide"]),
+    ("distill.generation_batch_size=3", ["distill.generation_batch_size", "3", "micro batch x GA", "use 4"]),
+    ("student.deepspeed.zero_optimization.stage=2", ["student.deepspeed.zero_optimization.stage", "2", "3"]),
+    ("student.deepspeed.train_micro_batch_size_per_gpu=0", ["train_micro_batch_size_per_gpu", "0", "positive"]),
+    ("teacher.deepspeed.optimizer={\"type\": \"AdamW\"}", ["teacher.deepspeed.optimizer", "frozen"]),
+    ("teacher.deepspeed.zero_optimization.offload_param={\"device\": \"disk\"}", ["offload_param.device", "'disk'", "'nvme'"]),
+    ("teacher.deepspeed.zero_optimization.offload_param={\"device\": \"nvme\"}", ["nvme_path", "required"]),
+    ("rollout.top_p=0", ["rollout.top_p", "0", "(0, 1]"]),
+    ("checkpoint.keep_last=0", ["checkpoint.keep_last", "0", "positive"]),
+    ("student.model.name_or_path=\"x\"", ["student.model.name_or_path", "exactly one"]),
+    ("data.train.path=\"x.jsonl\"", ["data.train.path", "exactly one"]),
+    ("student=3", ["student", "3", "section"]),
+])
+def test_invalid_values_name_key_value_and_fix(tmp_path, override, words):
+    msg = _error(tmp_path, [override])
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_structural_errors(tmp_path):
+    msg = _error(tmp_path, mutate=lambda r: r["student"]["deepspeed"].pop("optimizer"))
+    assert "student.deepspeed.optimizer" in msg and "required" in msg
+    msg = _error(tmp_path, mutate=lambda r: r["teacher"]["model"].pop("tokenizer"))
+    assert "teacher.model.tokenizer" in msg
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(raw=tiny_raw(tmp_path), overrides=["distill.beta"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(str(bad))
+
+
+def test_generation_batch_size_defaults_and_matches():
+    raw = tiny_raw("/tmp/x", micro=4, ga=2, distill={"num_generations": 2})
+    assert load_config(raw=raw).distill.generation_batch_size == 4  # 4 x 2 / 2
+    raw["distill"]["generation_batch_size"] = 4
+    assert load_config(raw=raw).distill.generation_batch_size == 4
+
+
+def test_world_size_checks(tmp_path):
+    raw = tiny_raw(tmp_path, micro=2, ga=2)
+    raw["student"]["deepspeed"]["train_batch_size"] = 8
+    cfg = load_config(raw=raw)
+    validate_world(cfg, 2)
+    with pytest.raises(ConfigError, match=r"student.deepspeed.train_batch_size.*= 12 on 3 ranks"):
+        validate_world(cfg, 3)

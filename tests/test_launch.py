@@ -1,0 +1,55 @@
+"""launch/train.py as users run it: the deepspeed launcher with 2 ranks, two torchrun "nodes" on
+loopback, and a bad override failing before any process group starts."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO, free_port, tiny_raw
+
+TRAIN = os.path.join(REPO, "launch", "train.py")
+
+
+def _preset(tmp_path, **top):
+    path = tmp_path / "preset.json"
+    path.write_text(json.dumps(tiny_raw(tmp_path / "run", **top)))
+    return str(path)
+
+
+def _steps(tmp_path):
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        return [r["step"] for r in map(json.loads, f) if "loss" in r]
+
+
+def _env():
+    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+
+
+def test_deepspeed_launcher_two_ranks(tmp_path):
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), TRAIN,
+           "--config", _preset(tmp_path), "max_steps=2", "export.enabled=true"]
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert _steps(tmp_path) == [1, 2]
+    assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
+
+
+def test_two_nodes_on_loopback(tmp_path):
+    """torchrun with --nnodes 2: node 0 and node 1 (one rank each) rendezvous on 127.0.0.1."""
+    preset, port = _preset(tmp_path), str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port,
+                               TRAIN, "--config", preset, "max_steps=2"],
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+             for node in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    assert _steps(tmp_path) == [1, 2]
+    assert "2 ranks on cpu" in outs[0]
+
+
+def test_bad_override_fails_at_start(tmp_path):
+    out = subprocess.run([sys.executable, TRAIN, "--config", _preset(tmp_path), "distill.beta=2"],
+                         env=_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "config key 'distill.beta': got 2" in out.stderr and "[0, 1]" in out.stderr
