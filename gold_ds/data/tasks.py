@@ -1,0 +1,106 @@
+"""The built-in demo task: multi-digit addition with exact-match answers, and its tokenizer.
+
+Rows use the conversational format the rest of gold_ds reads:
+    {"messages": [{"role": "user", "content": "37+48="},
+                  {"role": "assistant", "content": "85"}],
+     "answer": "85"}
+
+Both operands have exactly `digits` digits (default 2: 10-99, 8,100 questions), so digits line up by
+position, which tiny models learn much faster than ragged widths. Questions are drawn without
+replacement from the space of operand pairs, so one seeded draw can be cut into a training split and a
+held-out split that share no question.
+
+The tokenizer is a byte-level BPE trained here, offline. Its pre-tokenizer puts
+every digit and every punctuation/operator character in a token of its own, so numbers are spelled
+digit by digit. Its ChatML template puts no newline after the last message, so a rendered
+conversation ends with `<|im_end|>`: the tokens after the `add_generation_prompt=True` rendering of a
+prompt are exactly the answer's tokens followed by `<|im_end|>`.
+"""
+import random
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+PAD_TOKEN = "<|endoftext|>"
+TURN_START_TOKEN = "<|im_start|>"
+TURN_END_TOKEN = "<|im_end|>"
+
+# ChatML, with turns separated (not terminated) by a newline: the rendering of a full conversation
+# ends in <|im_end|>, and the generation prompt adds "\n<|im_start|>assistant\n".
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "<|im_start|>{{ message['role'] }}{{ '\\n' }}{{ message['content'] }}<|im_end|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n' }}<|im_start|>assistant{{ '\\n' }}{% endif %}"
+)
+
+
+def _addition_row(a: int, b: int) -> dict:
+    question, answer = f"{a}+{b}=", str(a + b)
+    return {
+        "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+        "answer": answer,
+    }
+
+
+def _draw_pairs(count: int, seed: int, digits: int) -> list[tuple[int, int]]:
+    """`count` distinct operand pairs (a, b) of `digits`-digit numbers (0-9 for one digit), in seeded
+    order."""
+    low = 10 ** (digits - 1) if digits > 1 else 0
+    width = 10**digits - low
+    if count > width * width:
+        raise ValueError(f"asked for {count} distinct questions, but {digits}-digit addition has only "
+                         f"{width * width}")
+    codes = random.Random(seed).sample(range(width * width), count)
+    return [(low + code // width, low + code % width) for code in codes]
+
+
+def arithmetic_splits(num_train: int, num_eval: int, seed: int, digits: int = 2) -> tuple[list[dict], list[dict]]:
+    """(train_rows, eval_rows) of addition questions "a+b=" with two `digits`-digit operands (0-9 when
+    `digits` is 1); the answer is the decimal sum. One seeded draw of distinct questions, cut in two,
+    so no question is in both splits. Deterministic given (seed, digits)."""
+    rows = [_addition_row(a, b) for a, b in _draw_pairs(num_train + num_eval, seed, digits)]
+    return rows[:num_train], rows[num_train:]
+
+
+def arithmetic_rows(num_examples: int, seed: int, digits: int = 2) -> list[dict]:
+    """`num_examples` distinct addition rows: the training split of
+    `arithmetic_splits(num_examples, 0, seed, digits)`."""
+    return arithmetic_splits(num_examples, 0, seed, digits)[0]
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """True when the prediction equals the answer after stripping surrounding whitespace."""
+    return prediction.strip() == answer.strip()
+
+
+def train_arithmetic_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE, deterministic. Ids 0, 1, 2 are `<|endoftext|>` (pad), `<|im_start|>`,
+    `<|im_end|>` (eos: the end of a turn), then the 256 bytes, then the merges learned from the corpus.
+    Digits and operators are pre-tokenized apart, so they never merge: the corpus is the chat role
+    names, which become single tokens (274 tokens in all). No BOS is added. Carries
+    `CHATML_TEMPLATE`."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Punctuation(behavior="isolated"),  # ASCII operators such as + - * = included
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,  # a ceiling the corpus never reaches
+        special_tokens=[PAD_TOKEN, TURN_START_TOKEN, TURN_END_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=1,
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(["system", "user", "assistant"], trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token=PAD_TOKEN,
+        eos_token=TURN_END_TOKEN,
+        bos_token=None,
+        unk_token=None,
+        chat_template=CHATML_TEMPLATE,
+    )
