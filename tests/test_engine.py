@@ -60,6 +60,7 @@ def _engines_gradients_schedule(tmp):
         window = [None] * WORLD
         dist.all_gather_object(window, [(rows[i].prompt_ids, rows[i].completion_ids) for i in idx])
         tr.train_step()
+        grads_of[name] = dict(grads)
 
         if name == "ga2x2":
             # each rank holds ~1/world of each model; the teacher is frozen and never gets a grad
@@ -68,9 +69,9 @@ def _engines_gradients_schedule(tmp):
             assert all(not p.requires_grad and p.grad is None for p in tr.teacher.module.parameters())
             _check_schedule(tr)
             _check_uneven_generation(tr)
+            _check_rollouts(tr)
             if rank == 0:
                 reference = _reference_gradient(cfg, before, teacher_state, [s for w in window for s in w])
-        grads_of[name] = grads
         tr.student.destroy()
         tr.teacher.destroy()
 
@@ -150,6 +151,40 @@ def _check_uneven_generation(tr):
         assert len(out[0]) == 1
     else:
         assert [len(c) for c in out] == [6, 6, 6]
+
+
+def _check_rollouts(tr):
+    """num_generations=2 and seq_kd: one student call per window with every on-policy prompt (micro/2
+    per on-policy micro-step, 2 samples each), one teacher call with every off-policy prompt; the
+    window trains exactly the sampled tokens."""
+    import torch.distributed as dist
+    d = tr.cfg.distill
+    d.num_generations, d.seq_kd, d.lmbda = 2, True, 0.5
+    calls = []
+
+    def recording(who, generate):
+        def call(prompts, g, **kw):
+            out = generate(prompts, g, **kw)
+            calls.append((who, len(prompts), g, sum(len(c) for c in out)))
+            return out
+        return call
+    tr.student_gen.generate = recording("student", tr.student_gen.generate)
+    tr.teacher_gen.generate = recording("teacher", tr.teacher_gen.generate)
+    kinds = set()
+    for _ in range(6):
+        flags = tr._draw_policy(tr.step)
+        calls.clear()
+        metrics = tr.train_step()
+        n_on = sum(flags)
+        expected = ([("student", n_on * tr.micro // 2, 2)] if n_on else []) + \
+                   ([("teacher", (tr.ga - n_on) * tr.micro, 1)] if n_on < tr.ga else [])
+        assert [c[:3] for c in calls] == expected, (calls, expected)
+        sampled = torch.tensor([float(sum(c[3] for c in calls))])
+        dist.all_reduce(sampled)
+        assert metrics["tokens"] == int(sampled.item())
+        assert metrics["on_policy_share"] == n_on / tr.ga
+        kinds.add(n_on)
+    assert len(kinds) > 1
 
 
 def test_engines_gradients_schedule(tmp_path):

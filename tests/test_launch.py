@@ -26,8 +26,10 @@ def _env():
 
 
 def test_deepspeed_launcher_two_ranks(tmp_path):
+    """Also: the teacher's parameters offloaded to CPU (ZeRO-inference offload_param)."""
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), TRAIN,
-           "--config", _preset(tmp_path), "max_steps=2", "export.enabled=true"]
+           "--config", _preset(tmp_path), "max_steps=2", "export.enabled=true",
+           'teacher.deepspeed.zero_optimization.offload_param={"device": "cpu"}']
     out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert _steps(tmp_path) == [1, 2]

@@ -1,0 +1,65 @@
+"""Per-phase time of a distillation step for the demo models.
+
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 bench/step.py [--steps 20] [KEY=VALUE ...]
+
+Builds the demo preset's engines (the teacher stays randomly initialized: the supervised stage does
+not change timings), runs warm-up steps, then ``--steps`` steps each fully on-policy and fully
+off-policy, and prints (rank 0) the median time per phase: rollout (generation), teacher forward,
+student forward+backward, optimizer, and the whole step. Times are the max over ranks of each phase.
+"""
+import argparse
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PHASES = ("rollout", "teacher", "student", "optimizer", "step")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="ds_configs/demo-cpu.json")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--local_rank", type=int, default=None)
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+
+    import torch
+    import torch.distributed as dist
+    from gold_ds.config import load_config
+    from gold_ds.trainer import Trainer
+    torch.set_num_threads(1)
+    cfg = load_config(args.config, ["teacher.sft.max_steps=0", "data.eval=null", "export.enabled=false",
+                                    "checkpoint.every=0", "logging.progress_bar=false",
+                                    "output_dir=runs/bench-step"] + args.overrides)
+    tr = Trainer(cfg)
+    rows = {}
+    for name, lmbda in (("on-policy", 1.0), ("off-policy", 0.0)):
+        tr.cfg.distill.lmbda = lmbda
+        times = {k: [] for k in PHASES}
+        for i in range(args.warmup + args.steps):
+            m = tr.train_step()
+            if i >= args.warmup:
+                for k in PHASES:
+                    times[k].append(m[f"time/{k}"])
+        rows[name] = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    if dist.get_rank() == 0:
+        ds = cfg.student.deepspeed
+        print(f"\nbench/step.py: {args.config}, {dist.get_world_size()} ranks on "
+              f"{tr.accelerator.device_name()}, micro batch {ds['train_micro_batch_size_per_gpu']} x GA "
+              f"{ds['gradient_accumulation_steps']}, rollout max_new_tokens {cfg.rollout.max_new_tokens}; "
+              f"median of {args.steps} steps, ms\n")
+        print("| step kind | " + " | ".join(PHASES) + " |")
+        print("|---|" + "---|" * len(PHASES))
+        for name, r in rows.items():
+            print(f"| {name} | " + " | ".join(f"{r[k]:.0f}" for k in PHASES) + " |")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
+    sys.stdout.flush()
+    os._exit(0)
