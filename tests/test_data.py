@@ -138,3 +138,7 @@ def test_builtin_splits_are_disjoint():
     for r in held_out:
         a, b = r["messages"][0]["content"].rstrip("=").split("+")
         assert r["answer"] == str(int(a) + int(b))
+    whole = read_rows(DatasetSource(builtin="arithmetic", split="train"))
+    assert len(whole) == 7100 and not questions(whole) & questions(held_out)
+    with pytest.raises(ValueError, match="num_examples=1001 but its 'eval' split has 1000"):
+        read_rows(DatasetSource(builtin="arithmetic", split="eval", num_examples=1001))

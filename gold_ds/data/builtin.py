@@ -1,22 +1,25 @@
 """Built-in tasks by name (``data.*.builtin`` and ``builtin:<name>`` tokenizers in presets).
 
-``arithmetic``: all 10,000 two-digit additions in one seeded order; the ``train`` split is its first
-``num_examples`` questions, the ``eval`` split its last ``num_examples``, so the two share no
-question while their sizes add up to at most 10,000.
+``arithmetic``: the 8,100 additions of two two-digit numbers in one seeded order; the ``eval`` split
+draws from its last 1,000 questions, the ``train`` split from the 7,100 before them, so the two never
+share a question whatever their sizes.
 """
 from .tasks import arithmetic_rows, train_arithmetic_tokenizer
 
-_ALL_ARITHMETIC = 10_000
+_SPLITS = {"train": (0, 7_100), "eval": (7_100, 8_100)}
 
 
 def builtin_rows(name: str, split: str, num_examples, seed: int) -> list:
     if name != "arithmetic":
         raise ValueError(f"unknown builtin task {name!r}; available: 'arithmetic'")
-    n = num_examples or 1000
-    if split not in ("train", "eval"):
+    if split not in _SPLITS:
         raise ValueError(f"builtin task 'arithmetic' has splits 'train' and 'eval', not {split!r}")
-    rows = arithmetic_rows(_ALL_ARITHMETIC, seed)
-    return rows[:n] if split == "train" else rows[-n:]
+    start, end = _SPLITS[split]
+    n = end - start if num_examples is None else num_examples
+    if n > end - start:
+        raise ValueError(f"builtin task 'arithmetic': num_examples={n} but its {split!r} split has "
+                         f"{end - start} questions")
+    return arithmetic_rows(8_100, seed)[start:start + n]
 
 
 def builtin_tokenizer(name: str):
