@@ -1,8 +1,9 @@
 """The chunking base shared by every loss: argument checks, row selection, the autograd Function.
 
 A loss is a *kernel*: a function that takes one chunk of rows as fp32 tensors and returns the loss
-of each row together with the gradient of each row's loss with respect to every input that needs
-one. The base owns everything else: flattening ``[..., V]`` to rows, picking the counted rows,
+of each row together with the gradient of ``weight * (sum of the rows' losses)`` with respect to
+every input that needs one (``weight`` is the reduction's 1 or 1/count, folded into the gradient
+passes the kernel makes anyway). The base owns everything else: flattening ``[..., V]`` to rows, picking the counted rows,
 walking them ``chunk_size`` at a time, weighting for the reduction, and storing the input gradient
 (in the input dtype) so that ``backward`` only scales it by ``grad_output``.
 """
@@ -121,9 +122,10 @@ class _ChunkedLoss(torch.autograd.Function):
 def chunked_loss(kernel, student, teacher, student_log_scale, teacher_log_scale, mask, reduction, chunk_size):
     """Apply ``kernel`` to the counted rows, ``chunk_size`` rows at a time; return the reduced loss.
 
-    kernel(s, t, s_scale, t_scale, need) gets fp32 [n, Vs_local], [n, Vt_local] and fp32 [n] log
-    scales (or None), and ``need`` (4 bools), and returns (row_loss [n], then per input the gradient
-    of row_loss w.r.t. it, fp32, or None where not needed). Every rank of a group must call with the
+    kernel(s, t, s_scale, t_scale, need, weight) gets fp32 [n, Vs_local], [n, Vt_local] and fp32 [n]
+    log scales (or None), ``need`` (4 bools) and the float ``weight``, and returns (row_loss [n],
+    then per input the gradient of weight * row_loss.sum() w.r.t. it, fp32, or None where not
+    needed). Every rank of a group must call with the
     same rows, mask and chunk_size, because kernels may run collectives once per chunk.
     """
     inputs = (student, teacher, student_log_scale, teacher_log_scale)
@@ -133,22 +135,22 @@ def chunked_loss(kernel, student, teacher, student_log_scale, teacher_log_scale,
     if mask is None:
         counted, select = n_rows, lambda a, b: slice(a, b)
     else:
-        index = (mask.reshape(-1) != 0).nonzero().squeeze(1)
+        index = (mask.reshape(-1) != 0).nonzero().squeeze(1).to(flat[0].device)
         counted, select = index.numel(), lambda a, b: index[a:b]
     weight = 1.0 if reduction == "sum" else 1.0 / max(counted, 1)
 
     def run(need):
         need = [bool(n) and x is not None for n, x in zip(need, flat)]
-        grads = [torch.zeros_like(x) if n else None for x, n in zip(flat, need)]
-        total = torch.zeros((), dtype=torch.float64)
+        grads = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) if n else None for x, n in zip(flat, need)]
+        total = torch.zeros((), dtype=torch.float64, device=flat[0].device)
         for start in range(0, counted, chunk_size):
             rows = select(start, min(start + chunk_size, counted))
             chunk = [None if x is None else x[rows].float() for x in flat]
-            row_loss, *chunk_grads = kernel(*chunk, need)
+            row_loss, *chunk_grads = kernel(*chunk, need, weight)
             total += row_loss.sum(dtype=torch.float64)
             for g, cg in zip(grads, chunk_grads):
                 if g is not None:
-                    g[rows] = (cg if weight == 1.0 else cg.mul_(weight)).to(g.dtype)
+                    g[rows] = cg.to(g.dtype)
         return (total * weight).float(), grads
 
     return _ChunkedLoss.apply(run, *inputs)

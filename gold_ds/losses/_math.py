@@ -73,7 +73,7 @@ def sorted_l1(a, b, need_r_a=True):
     sb, ib = b.sort(dim=-1, descending=True, stable=True)
     k = min(a.shape[-1], b.shape[-1])
     d = sb[:, :k] - sa[:, :k]
-    loss = d.abs().sum(-1) + sa[:, k:].sum(-1) + sb[:, k:].sum(-1)
+    loss = torch.linalg.vector_norm(d, 1, -1) + sa[:, k:].sum(-1) + sb[:, k:].sum(-1)
     sign = d.sign_()
     # r in sorted order is value * sign; past the common length the partner is a zero pad: sign +1.
     sb[:, :k] *= sign
@@ -84,8 +84,8 @@ def sorted_l1(a, b, need_r_a=True):
     return loss, a.new_empty(a.shape).scatter_(-1, ia, sa), r_b
 
 
-def to_logit_grad(r, p, r_sum, temperature):
-    """dL/dz for p = softmax(z / T): (r - p * sum(r)) / T, with ``r_sum`` the full-vocabulary sum
-    (computed in place in ``r``)."""
+def to_logit_grad(r, p, r_sum, factor):
+    """factor * dL/dz for p = softmax(z / T) with factor = weight / T: (r - p * sum(r)) * factor,
+    ``r_sum`` the full-vocabulary sum (computed in place in ``r``)."""
     r.addcmul_(p, r_sum[:, None], value=-1.0)
-    return r if temperature == 1.0 else r.div_(temperature)
+    return r if factor == 1.0 else r.mul_(factor)

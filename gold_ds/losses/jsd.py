@@ -41,13 +41,13 @@ def generalized_jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0
     chunk_size = _base.auto_chunk_size(chunk_size, sum(e[1] for e in every))
     beta, temperature = float(beta), float(temperature)
 
-    def kernel(s, t, _s_scale, _t_scale, need):
+    def kernel(s, t, _s_scale, _t_scale, need, weight):
         lb, la = log_softmax([scale_logits(s, temperature), scale_logits(t, temperature)], group)
         b, a = lb.exp(), la.exp()
         r_a, r_b, (c_a, c_b) = jsd_terms(la, a, lb, b, beta, generalized=False)
         sum_a, sum_b = row_sums([r_a, r_b], group)
-        g_s = to_logit_grad(r_b, b, sum_b, temperature) if need[0] else None
-        g_t = to_logit_grad(r_a, a, sum_a, temperature) if need[1] else None
+        g_s = to_logit_grad(r_b, b, sum_b, weight / temperature) if need[0] else None
+        g_t = to_logit_grad(r_a, a, sum_a, weight / temperature) if need[1] else None
         return c_a * sum_a + c_b * sum_b, g_s, g_t, None, None
 
     return _base.chunked_loss(kernel, student_logits, teacher_logits, None, None, mask, reduction, chunk_size)

@@ -28,7 +28,13 @@ def _check_pair(student_logits, teacher_logits, student_temperature, teacher_tem
     _base.check_common(reduction, chunk_size)
 
 
-def _scaled_probs(z, temperature, log_scale):
+def _probs(z, temperature, log_scale):
+    """(p, x) with p = softmax(z / T) and x = p * exp(log_scale) per row."""
+    p = torch.softmax(scale_logits(z, temperature), -1)
+    return p, (p if log_scale is None else p * log_scale.exp()[:, None])
+
+
+def _log_probs(z, temperature, log_scale):
     """(p, log x, x) with p = softmax(z / T) and x = p * exp(log_scale) per row."""
     lp = torch.log_softmax(scale_logits(z, temperature), -1)
     if log_scale is None:
@@ -38,15 +44,15 @@ def _scaled_probs(z, temperature, log_scale):
     return lp.exp(), lx, lx.exp()
 
 
-def _grads(need, r_b, p_s, ts, r_a, p_t, tt):
-    """Turn r = x * dL/dx of student (b) and teacher (a) into the kernel's four gradients
-    (``r_a`` may be None when neither teacher gradient is needed)."""
+def _grads(need, weight, r_b, p_s, ts, r_a, p_t, tt):
+    """Turn r = x * dL/dx of student (b) and teacher (a) into the kernel's four gradients, times
+    ``weight`` (``r_a`` may be None when neither teacher gradient is needed)."""
     sum_b = r_b.sum(-1)
     sum_a = r_a.sum(-1) if r_a is not None else None
-    return (to_logit_grad(r_b, p_s, sum_b, ts) if need[0] else None,
-            to_logit_grad(r_a, p_t, sum_a, tt) if need[1] else None,
-            sum_b if need[2] else None,
-            sum_a if need[3] else None)
+    return (to_logit_grad(r_b, p_s, sum_b, weight / ts) if need[0] else None,
+            to_logit_grad(r_a, p_t, sum_a, weight / tt) if need[1] else None,
+            sum_b.mul_(weight) if need[2] else None,
+            sum_a.mul_(weight) if need[3] else None)
 
 
 def _row_layout(kernel, group, every):
@@ -72,14 +78,14 @@ def _row_layout(kernel, group, every):
                                [counts[rank] * v for v in sizes], group=group)
         return out.view(sum(counts), sizes[rank])
 
-    def sharded(s, t, s_scale, t_scale, need):
+    def sharded(s, t, s_scale, t_scale, need, weight):
         n = s.shape[0]
         counts = [n // world + (q < n % world) for q in range(world)]
         lo = sum(counts[:rank])
         hi = lo + counts[rank]
         loss, g_s, g_t, g_cs, g_ct = kernel(
             to_rows(s, vocab[0], counts), to_rows(t, vocab[1], counts),
-            None if s_scale is None else s_scale[lo:hi], None if t_scale is None else t_scale[lo:hi], need)
+            None if s_scale is None else s_scale[lo:hi], None if t_scale is None else t_scale[lo:hi], need, weight)
         scalars = s.new_zeros(3, n)  # row loss and the two log-scale gradients, gathered by a SUM
         scalars[0, lo:hi] = loss
         if g_cs is not None:
@@ -116,11 +122,11 @@ def uld(student_logits, teacher_logits, *, student_temperature=1.0, teacher_temp
     vs, vt = sum(e[1] for e in every), sum(e[2] for e in every)
     ts, tt = float(student_temperature), float(teacher_temperature)
 
-    def kernel(s, t, s_scale, t_scale, need):
-        p_s, _, b = _scaled_probs(s, ts, s_scale)
-        p_t, _, a = _scaled_probs(t, tt, t_scale)
+    def kernel(s, t, s_scale, t_scale, need, weight):
+        p_s, b = _probs(s, ts, s_scale)
+        p_t, a = _probs(t, tt, t_scale)
         loss, r_a, r_b = sorted_l1(a, b, need_r_a=need[1] or need[3])
-        return (loss, *_grads(need, r_b, p_s, ts, r_a, p_t, tt))
+        return (loss, *_grads(need, weight, r_b, p_s, ts, r_a, p_t, tt))
 
     return _base.chunked_loss(_row_layout(kernel, group, every), student_logits, teacher_logits,
                               student_log_scale, teacher_log_scale, mask, reduction,
@@ -140,7 +146,7 @@ def _check_ids(name, ids, vocab):
 
 
 def _unmatched(ids, vocab):
-    keep = torch.ones(vocab, dtype=torch.bool)
+    keep = torch.ones(vocab, dtype=torch.bool, device=ids.device)
     keep[ids] = False
     return keep.nonzero().squeeze(1)
 
@@ -174,15 +180,16 @@ def hybrid_uld(student_logits, teacher_logits, student_ids, teacher_ids, *, beta
     if student_ids.numel() != teacher_ids.numel():
         raise ValueError(f"student_ids and teacher_ids must have the same length (pairs of one token); got "
                          f"{student_ids.numel()} and {teacher_ids.numel()}")
-    s_ids, t_ids = student_ids.long().cpu(), teacher_ids.long().cpu()
+    device = student_logits.device
+    s_ids, t_ids = student_ids.long().to(device), teacher_ids.long().to(device)
     s_un, t_un = _unmatched(s_ids, vs), _unmatched(t_ids, vt)
     w_m = float(matched_weight) if matched_weight is not None else s_ids.numel() / vt
     w_u = float(unmatched_weight) if unmatched_weight is not None else 1.0 - s_ids.numel() / vt
     ts, tt, beta = float(student_temperature), float(teacher_temperature), float(beta)
 
-    def kernel(s, t, s_scale, t_scale, need):
-        p_s, lb, b = _scaled_probs(s, ts, s_scale)
-        p_t, la, a = _scaled_probs(t, tt, t_scale)
+    def kernel(s, t, s_scale, t_scale, need, weight):
+        p_s, lb, b = _log_probs(s, ts, s_scale)
+        p_t, la, a = _log_probs(t, tt, t_scale)
         r_a_m, r_b_m, _ = jsd_terms(la[:, t_ids], a[:, t_ids], lb[:, s_ids], b[:, s_ids], beta, generalized=True)
         need_r_a = need[1] or need[3]
         loss_u, r_a_u, r_b_u = sorted_l1(a[:, t_un], b[:, s_un], need_r_a)
@@ -191,7 +198,7 @@ def hybrid_uld(student_logits, teacher_logits, student_ids, teacher_ids, *, beta
         r_a = None
         if need_r_a:
             r_a = a.new_empty(a.shape).index_copy_(1, t_ids, r_a_m.mul_(w_m)).index_copy_(1, t_un, r_a_u.mul_(w_u))
-        return (loss, *_grads(need, r_b, p_s, ts, r_a, p_t, tt))
+        return (loss, *_grads(need, weight, r_b, p_s, ts, r_a, p_t, tt))
 
     return _base.chunked_loss(_row_layout(kernel, group, every), student_logits, teacher_logits,
                               student_log_scale, teacher_log_scale, mask, reduction,
