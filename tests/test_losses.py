@@ -121,6 +121,19 @@ def test_no_counted_rows_mean_is_zero_with_graph():
         assert not grad.any()
 
 
+def test_no_grad_stores_no_gradient(monkeypatch):
+    s, t, _, _ = make_inputs(8)
+    s.requires_grad_()
+    sizes = []  # numel of every torch.zeros buffer the loss allocates
+    real_zeros = torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda size, **k: sizes.append(torch.Size(size).numel()) or real_zeros(size, **k))
+    with torch.no_grad():
+        loss = uld(s, t)
+    assert not loss.requires_grad
+    assert s.numel() not in sizes, "a gradient buffer was allocated under no_grad"
+    close(loss, ref.uld(s.detach().double(), t.double()))
+
+
 def test_backward_scales_by_grad_output_and_runs_once():
     s, t, _, _ = make_inputs(7)
     s.requires_grad_()

@@ -10,7 +10,8 @@ come back in the input dtype. Temperatures divide the logits; nothing is multipl
 Chunking: one autograd Function (``_base.chunked_loss``) walks the counted rows ``chunk_size`` at a
 time. For each chunk it computes the row losses and, in closed form, their gradients with respect
 to the chunk's logits (and log scales), and writes them into a stored input-sized gradient; backward
-only scales that by grad_output (once: a second backward raises). Extra memory is therefore the
+only scales that by grad_output (once: a second backward raises; under torch.no_grad nothing is
+stored). Extra memory is therefore the
 stored gradient (the size of the inputs that need one, in their dtype) plus O(chunk_size x V) fp32.
 ``chunk_size=None`` targets 8 MiB per fp32 [chunk_size, V] block.
 
@@ -20,6 +21,8 @@ mask, log scales, ids and options, and must call the loss (collectives run in fo
 gets the same loss and exactly its slice of the unsharded gradient (log-scale gradients in full).
 Backward runs no collective: the loss is replicated, so each rank's gradient is its stored slice,
 with no world-size factor (the trap of backpropagating through torch.distributed.nn all_reduce).
+Each call first all_gathers every rank's (rows, local vocabulary sizes) once, to check the rows
+agree and to learn the global vocabulary sizes (chunk size, id ranges, the all_to_all splits).
 
 - generalized_jsd needs only per-row scalars across shards: per chunk of n rows, a MAX all_reduce
   of [n, 2] (row maxima), a SUM all_reduce of [n, 2] (softmax denominators) and a SUM all_reduce of

@@ -138,9 +138,10 @@ def chunked_loss(kernel, student, teacher, student_log_scale, teacher_log_scale,
         index = (mask.reshape(-1) != 0).nonzero().squeeze(1).to(flat[0].device)
         counted, select = index.numel(), lambda a, b: index[a:b]
     weight = 1.0 if reduction == "sum" else 1.0 / max(counted, 1)
+    grad_enabled = torch.is_grad_enabled()  # under no_grad, compute and store no gradient at all
 
     def run(need):
-        need = [bool(n) and x is not None for n, x in zip(need, flat)]
+        need = [grad_enabled and bool(n) and x is not None for n, x in zip(need, flat)]
         grads = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) if n else None for x, n in zip(flat, need)]
         total = torch.zeros((), dtype=torch.float64, device=flat[0].device)
         for start in range(0, counted, chunk_size):
