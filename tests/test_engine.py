@@ -194,7 +194,7 @@ def test_engines_gradients_schedule(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 def _losses(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "step" in r and "loss" in r}
 
 
 def _resume_export_wandb(tmp):

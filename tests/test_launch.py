@@ -18,7 +18,7 @@ def _preset(tmp_path, **top):
 
 def _steps(tmp_path):
     with open(tmp_path / "run" / "metrics.jsonl") as f:
-        return [r["step"] for r in map(json.loads, f) if "loss" in r]
+        return [r["step"] for r in map(json.loads, f) if "step" in r and "loss" in r]
 
 
 def _env():

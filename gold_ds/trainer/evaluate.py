@@ -72,7 +72,7 @@ class Evaluator:
             self._teacher = (correct, teacher_texts[:self.cfg.num_samples])
         if self.has_answers:
             stats += [self._correct(rows, student_texts, counted), self._teacher[0]]
-        t = torch.tensor(stats, dtype=torch.float64)
+        t = torch.tensor(stats, dtype=torch.float64, device=self.student.device)
         dist.all_reduce(t)
         metrics = {"loss": t[0].item() / t[1].item()}
         if self.has_answers:

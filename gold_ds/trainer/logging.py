@@ -22,14 +22,19 @@ class MetricsLogger:
                 raise ImportError("logging.wandb.enabled is true but wandb is not installed: "
                                   "pip install 'gold_ds[wandb]' (or set logging.wandb.enabled=false)") from None
             from ..config import config_to_dict
+            id_file = os.path.join(cfg.output_dir, "wandb-run-id")  # a resumed run continues the same W&B run
+            run_id = open(id_file).read().strip() if resumed and os.path.isfile(id_file) else None
             self.wandb_run = wandb.init(project=w.project, entity=w.entity, name=w.run_name or cfg.name,
                                         mode=w.mode, tags=w.tags or None, dir=cfg.output_dir,
-                                        config=config_to_dict(cfg), resume="allow" if resumed else None)
+                                        config=config_to_dict(cfg), id=run_id, resume="allow" if run_id else None)
+            with open(id_file, "w") as f:
+                f.write(self.wandb_run.id)
 
     def start_progress(self, total_steps: int, initial_step: int) -> None:
         if self.enabled and self.cfg.logging.progress_bar:
             from tqdm.auto import tqdm
-            self.bar = tqdm(total=total_steps, initial=initial_step, desc=self.cfg.name, dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=initial_step, desc=self.cfg.name, dynamic_ncols=True,
+                            mininterval=1.0)
 
     def info(self, text: str) -> None:
         if not self.enabled:
@@ -39,12 +44,15 @@ class MetricsLogger:
         else:
             print(text, flush=True)
 
-    def log(self, step: int, metrics: dict) -> None:
+    def log(self, step: int, metrics: dict, stage: str = None) -> None:
+        """A metrics record. ``stage`` names a stage before distillation (the teacher's supervised
+        stage): its records go to the JSONL file only, as W&B's step axis belongs to distillation."""
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        head = {"stage": stage, "stage_step": step} if stage else {"step": step}
+        self.jsonl.write(json.dumps({**head, **metrics}) + "\n")
         self.jsonl.flush()
-        if self.wandb_run is not None:
+        if self.wandb_run is not None and stage is None:
             self.wandb_run.log(metrics, step=step)
 
     def progress(self, metrics: dict) -> None:

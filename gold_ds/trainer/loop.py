@@ -65,6 +65,7 @@ class Trainer:
         self._t_start = time.perf_counter()
         self.accelerator = init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device(self.accelerator.current_device_name())  # where collectives' tensors live (nccl: GPU)
         validate_world(cfg, self.world)
         random.seed(cfg.seed + self.rank)
         torch.manual_seed(cfg.seed + self.rank)
@@ -131,11 +132,12 @@ class Trainer:
         if self.rank == 0:
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
             flags = (torch.rand(self.ga, generator=g) < self.cfg.distill.lmbda).long()
+        flags = flags.to(self.device)
         dist.broadcast(flags, src=0)
         return [bool(f) for f in flags.tolist()]
 
     def _global_sum(self, values: list, op=dist.ReduceOp.SUM) -> list:
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=op)
         return t.tolist()
 
@@ -189,8 +191,9 @@ class Trainer:
                                       self.tokenizer.pad_token_id) for _ in range(ga)]
             _, total, sums = self._backward_window(engine, batches, ce, timer)
             loss = self._global_sum([sum(sums)])[0] / total
-            if step % cfg.logging.every == 0 or step == sft.max_steps - 1:
-                self.log.log(step, {"teacher_sft/loss": loss})
+            if (step + 1) % cfg.logging.every == 0:
+                self.log.log(step + 1, {"loss": loss}, stage="teacher_sft")
+            if (step + 1) % max(1, sft.max_steps // 10) == 0:
                 self.log.info(f"[gold_ds] teacher SFT step {step + 1}/{sft.max_steps} loss {loss:.4f}")
         export_hf(engine, self.tokenizer, out_dir)
         self.log.info(f"[gold_ds] teacher SFT: {sft.max_steps} steps in {time.perf_counter() - t_start:.0f}s, "
