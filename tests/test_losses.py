@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import reference_losses as ref
+from gold_ds import losses
 from gold_ds.losses import generalized_jsd, hybrid_uld, uld
 
 ROWS = (3, 7)
@@ -89,6 +90,19 @@ def test_hybrid_matches_reference(beta, weights):
                  lambda s, t, cs, ct: ref.hybrid_uld(s, t, STUDENT_IDS, TEACHER_IDS, student_log_scale=cs,
                                                      teacher_log_scale=ct, **kw),
                  [s, t, cs, ct])
+
+
+@pytest.mark.parametrize("loss", ["generalized_jsd", "uld", "hybrid_uld"])
+def test_student_only_gradient(loss):
+    """The distillation case: the teacher's logits need no gradient (the kernels skip its work)."""
+    s, t, _, _ = make_inputs(9)
+    t = t[..., :VS] if loss == "generalized_jsd" else t
+    args = (STUDENT_IDS, TEACHER_IDS) if loss == "hybrid_uld" else ()
+    student = s.clone().requires_grad_()
+    (got,) = torch.autograd.grad(getattr(losses, loss)(student, t, *args, mask=MASK, chunk_size=4), student)
+    exact = s.double().requires_grad_()
+    (want,) = torch.autograd.grad(getattr(ref, loss)(exact, t.double(), *args, mask=MASK), exact)
+    close(got, want)
 
 
 def test_bf16_inputs():

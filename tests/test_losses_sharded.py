@@ -3,7 +3,7 @@
 One torch.multiprocessing spawn per world size runs every case; each rank builds the full tensors
 from a shared seed, computes the unsharded loss, then the sharded one on its own (uneven) vocabulary
 slices, and checks the loss and its slice of every gradient at 1e-6 relative (relative to the
-largest entry). bf16 cases: the fp32 math may sum in another order across shards, so gradients,
+largest entry), with every input needing a gradient and with only the student's. bf16 cases: the fp32 math may sum in another order across shards, so gradients,
 returned rounded to bf16, may differ by one bf16 step: 2**-7 there.
 """
 
@@ -86,6 +86,11 @@ def worker(rank, world, port, failures):
             close(got_grads[1], shard(want_grads[1], t_sizes, rank), f"{name}: teacher grad", tol)
             for key, g, w in zip(scales, got_grads[2:], want_grads[2:]):
                 close(g, w, f"{name}: {key} grad", tol)
+            # the distillation case: only the student needs a gradient (teacher work is skipped)
+            student = mine[0].detach().requires_grad_()
+            got = fn(student, mine[1].detach(), **scales, **kwargs, group=dist.group.WORLD)
+            (got_grad,) = torch.autograd.grad(got, student)
+            close(got_grad, shard(want_grads[0], s_sizes, rank), f"{name}: student-only grad", tol)
     except AssertionError as e:
         failures.put(f"rank {rank} of {world}: {e}")
     dist.barrier()

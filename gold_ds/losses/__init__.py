@@ -17,7 +17,8 @@ stored gradient (the size of the inputs that need one, in their dtype) plus O(ch
 
 Vocabulary sharding (``group``, Megatron vocab-parallel convention): each rank passes the contiguous
 slice of the vocabulary it owns, in rank order, sizes may differ; every rank must pass the same rows,
-mask, log scales, ids and options, and must call the loss (collectives run in forward). Every rank
+mask, log scales, ids and options, the same inputs must need a gradient on every rank, and every
+rank must call the loss (collectives run in forward). Every rank
 gets the same loss and exactly its slice of the unsharded gradient (log-scale gradients in full).
 Backward runs no collective: the loss is replicated, so each rank's gradient is its stored slice,
 with no world-size factor (the trap of backpropagating through torch.distributed.nn all_reduce).
