@@ -162,13 +162,16 @@ class Trainer:
     # ---------------------------------------------------------------------------------- teacher SFT
     def _teacher_sft(self) -> ModelConfig:
         """Supervised stage: fine-tune the teacher on the training completions (cross-entropy per
-        completion token, same normalization as distillation), export it, return its ModelConfig."""
+        completion token, same normalization as distillation), export it, return its ModelConfig.
+        A fresh run always trains it; a resumed run loads the export of its first session."""
         cfg, sft = self.cfg, self.cfg.teacher.sft
         out_dir = os.path.join(cfg.output_dir, "teacher-sft")
         loaded = ModelConfig(name_or_path=out_dir, dtype=cfg.teacher.model.dtype,
                              trust_remote_code=cfg.teacher.model.trust_remote_code)
-        if os.path.isfile(os.path.join(out_dir, "config.json")):
-            self.log.info(f"[gold_ds] teacher SFT: reusing {out_dir}")
+        if self.resume_tag is not None:  # the stage finished before the first checkpoint
+            if not os.path.isfile(os.path.join(out_dir, "config.json")):
+                raise FileNotFoundError(f"--resume: the supervised teacher {out_dir} is missing")
+            self.log.info(f"[gold_ds] teacher SFT: resuming with {out_dir}")
             return loaded
         engine = build_training_engine(cfg.teacher.model, sft.deepspeed, self.world)
         micro, ga = sft.deepspeed["train_micro_batch_size_per_gpu"], sft.deepspeed["gradient_accumulation_steps"]
