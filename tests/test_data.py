@@ -4,7 +4,7 @@ import json
 import pytest
 
 from gold_ds.config import DatasetSource
-from gold_ds.data import (BadRowError, RankSampler, encode_dataset, prompt_batch, read_rows, training_batch)
+from gold_ds.data import (BadRowError, RankSampler, encode_dataset, read_rows, training_batch)
 from gold_ds.data.builtin import builtin_tokenizer
 
 
@@ -121,12 +121,6 @@ def test_rank_sampler_splits_resumes_and_reshuffles():
     assert RankSampler(n, 0, world, 5, shuffle=False).take(3) == [0, 3, 6]
     with pytest.raises(ValueError, match="cannot be split over 3 ranks"):
         RankSampler(2, 0, 3, 0)
-
-
-def test_prompt_batch_left_pads():
-    b = prompt_batch([[5, 6, 7], [8]], pad_id=0)
-    assert b["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert b["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
 def test_builtin_splits_are_disjoint():

@@ -65,14 +65,3 @@ def training_batch(sequences: list, pad_id: int) -> dict:
         attn[b, :n] = 1
         loss_mask[b, len(p) - 1:n - 1] = True
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask}
-
-
-def prompt_batch(prompts: list, pad_id: int) -> dict:
-    """Left-padded prompts for generation."""
-    T = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(prompts), T), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
-        attn[b, T - len(p):] = 1
-    return {"input_ids": ids, "attention_mask": attn}

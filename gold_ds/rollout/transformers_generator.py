@@ -9,7 +9,16 @@ explicitly here.
 import torch
 import torch.distributed as dist
 
-from ..data.batch import prompt_batch
+
+def left_padded(prompts: list, pad_id: int) -> dict:
+    """Left-padded prompts for generation."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(prompts), T), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        attn[b, T - len(p):] = 1
+    return {"input_ids": ids, "attention_mask": attn}
 
 
 class TransformersGenerator:
@@ -31,7 +40,7 @@ class TransformersGenerator:
             raise ValueError("generate needs at least one prompt on every rank (ZeRO-3 forward passes are collective)")
         prompts = [p for p in prompts for _ in range(num_generations)]
         device = next(self.module.parameters()).device
-        batch = {k: v.to(device) for k, v in prompt_batch(prompts, self.pad_id).items()}
+        batch = {k: v.to(device) for k, v in left_padded(prompts, self.pad_id).items()}
         kwargs = dict(max_new_tokens=max_new_tokens or self.max_new_tokens, pad_token_id=self.pad_id,
                       eos_token_id=self.eos_id, synced_gpus=dist.is_initialized() and dist.get_world_size() > 1)
         if greedy:

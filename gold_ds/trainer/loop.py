@@ -30,7 +30,8 @@ from ..config import ModelConfig, validate_world
 from ..data.batch import RankSampler, training_batch
 from ..data.dataset import encode_dataset, read_rows
 from ..engine.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
-from ..engine.models import build_inference_engine, build_training_engine, load_tokenizer
+from ..data.tokenizer import load_tokenizer
+from ..engine.models import build_inference_engine, build_training_engine
 from ..losses import generalized_jsd
 from ..rollout import TransformersGenerator
 from .evaluate import Evaluator
