@@ -61,7 +61,7 @@ class Evaluator:
             batch = {k: v.to(self.student.device) for k, v in batch.items()}
             t = self.forward_logits(self.teacher, batch)
             s = self.forward_logits(self.student, batch)
-            loss_sum += self.loss_fn(s[batch["loss_mask"]], t[batch["loss_mask"]]).item()
+            loss_sum += self.loss_fn(s, t, mask=batch["loss_mask"]).item()
             tokens += float(batch["loss_mask"].sum())
         stats = [loss_sum, tokens]
         greedy_rows = rows if self.has_answers else rows[:self.cfg.num_samples]

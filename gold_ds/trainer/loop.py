@@ -241,7 +241,7 @@ class Trainer:
             t1 = time.perf_counter()
             s_logits = self._forward_logits(self.student, batch)
             mask = batch["loss_mask"]
-            loss = self.loss_fn(s_logits[mask], t_logits[mask])
+            loss = self.loss_fn(s_logits, t_logits, mask=mask)
             timer["teacher"] += t1 - t0
             timer["student"] += time.perf_counter() - t1
             return loss
