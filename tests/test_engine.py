@@ -251,6 +251,7 @@ def _resume_export_wandb(tmp):
         for key in ("tokens", "time/rollout", "time/teacher", "time/student", "time/optimizer", "on_policy_share"):
             assert key in history[4], key
         assert "eval/accuracy" in history[0] and "eval/accuracy" in history[4]
+        assert history[0]["data/train_rows"] == 64 and history[0]["data/truncated_completions"] == 0
         assert history[4]["eval/samples/_type"] == "table-file" and history[4]["eval/samples/nrows"] == 4
 
 

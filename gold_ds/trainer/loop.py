@@ -91,6 +91,10 @@ class Trainer:
                       f"{self.train_data.report()}")
         if self.eval_data is not None:
             self.log.info(f"[gold_ds] eval data: {self.eval_data.report()}")
+        if self.resume_tag is None:
+            self.log.log(0, {"data/train_rows": len(self.train_data),
+                             "data/truncated_completions": self.train_data.truncated_completions,
+                             **{f"data/bad_rows/{k}": v for k, v in self.train_data.bad_rows.items()}})
 
         teacher_model = self._teacher_sft() if cfg.teacher.sft.max_steps > 0 else cfg.teacher.model
         self.teacher = build_inference_engine(teacher_model, cfg.teacher.deepspeed, self.micro, self.world)
@@ -137,26 +141,32 @@ class Trainer:
         dist.broadcast(flags, src=0)
         return [bool(f) for f in flags.tolist()]
 
+    def _now(self) -> float:
+        """A timestamp after the accelerator's queued work (GPU kernels run asynchronously)."""
+        self.accelerator.synchronize()
+        return time.perf_counter()
+
     def _global_sum(self, values: list, op=dist.ReduceOp.SUM) -> list:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=op)
         return t.tolist()
 
     def _backward_window(self, engine, micro_batches: list, loss_of_batch, timer: dict):
-        """Forward/backward every micro-step of a window with the per-window normalization, then
-        step. ``loss_of_batch(batch) -> (summed loss, tokens)``. Returns the global token count and
-        the per-micro-step summed losses (detached)."""
+        """Forward/backward every micro-step of a window with the per-window normalization, calling
+        ``engine.step()`` after each (DeepSpeed applies the update at the window's end).
+        ``loss_of_batch(batch, timer)`` returns the micro-step's summed loss. Returns the global
+        token count per micro-step, their total, and the micro-steps' summed losses (floats)."""
         tokens = self._global_sum([float(b["loss_mask"].sum()) for b in micro_batches])
         total = sum(tokens)
         sums = []
         for b in micro_batches:
             loss_sum = loss_of_batch(self._to_device(b, engine), timer)
-            t0 = time.perf_counter()
+            t0 = self._now()
             engine.backward(loss_sum * (self.world / total), scale_wrt_gas=False)
-            timer["student"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
+            timer["student"] += self._now() - t0
+            t0 = self._now()
             engine.step()
-            timer["optimizer"] += time.perf_counter() - t0
+            timer["optimizer"] += self._now() - t0
             sums.append(loss_sum.item())
         return tokens, total, sums
 
@@ -210,14 +220,14 @@ class Trainer:
     # ------------------------------------------------------------------------------------ one step
     def train_step(self) -> dict:
         cfg, G = self.cfg, self.cfg.distill.num_generations
-        t_step = time.perf_counter()
+        t_step = self._now()
         timer = {"rollout": 0.0, "teacher": 0.0, "student": 0.0, "optimizer": 0.0}
         flags = self._draw_policy(self.step)
         rows = [[self.train_data.rows[i] for i in self.sampler.take(self.micro // G if on else self.micro)]
                 for on in flags]
 
         # rollout: every on-policy prompt of the window in one call (the same calls on every rank)
-        t0 = time.perf_counter()
+        t0 = self._now()
         seqs = [[(r.prompt_ids, r.completion_ids) for r in rs] if not on else None for rs, on in zip(rows, flags)]
         on_prompts = [r.prompt_ids for rs, on in zip(rows, flags) if on for r in rs]
         if on_prompts:
@@ -231,19 +241,19 @@ class Trainer:
             for m, on in enumerate(flags):
                 if not on:
                     seqs[m] = [(p, next(samples)) for p, _ in seqs[m]]
-        timer["rollout"] = time.perf_counter() - t0
+        timer["rollout"] = self._now() - t0
         batches = [training_batch(s, self.tokenizer.pad_token_id) for s in seqs]
 
         def jsd(batch, timer):
-            t0 = time.perf_counter()
+            t0 = self._now()
             with torch.no_grad():
                 t_logits = self._forward_logits(self.teacher, batch)
-            t1 = time.perf_counter()
+            t1 = self._now()
             s_logits = self._forward_logits(self.student, batch)
             mask = batch["loss_mask"]
             loss = self.loss_fn(s_logits, t_logits, mask=mask)
             timer["teacher"] += t1 - t0
-            timer["student"] += time.perf_counter() - t1
+            timer["student"] += self._now() - t1
             return loss
 
         tokens, total, sums = self._backward_window(self.student, batches, jsd, timer)
@@ -253,7 +263,7 @@ class Trainer:
         g = self._global_sum([on_sum, off_sum])
         times = self._global_sum([timer[k] for k in ("rollout", "teacher", "student", "optimizer")],
                                  op=dist.ReduceOp.MAX)
-        dt = time.perf_counter() - t_step
+        dt = self._now() - t_step
         self.step += 1
         return {
             "loss": (g[0] + g[1]) / total,
