@@ -136,3 +136,15 @@ def test_builtin_splits_are_disjoint():
     assert len(whole) == 7100 and not questions(whole) & questions(held_out)
     with pytest.raises(ValueError, match="num_examples=1001 but its 'eval' split has 1000"):
         read_rows(DatasetSource(builtin="arithmetic", split="eval", num_examples=1001))
+
+
+def test_dataset_by_name_goes_through_load_dataset(tmp_path):
+    """A name that is not a file goes to datasets.load_dataset(name, config, split): a hub id, or (as
+    here, offline) a local dataset directory with a split file."""
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    _write(folder, "train.jsonl", CONV)
+    rows = read_rows(DatasetSource(path=str(folder), split="train", num_examples=1))
+    assert rows == [CONV[0]]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_rows(DatasetSource(path=str(tmp_path / "missing.jsonl")))

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, free_port, tiny_raw
+from conftest import REPO, ds_section, free_port, tiny_raw
 
 TRAIN = os.path.join(REPO, "launch", "train.py")
 
@@ -26,14 +26,20 @@ def _env():
 
 
 def test_deepspeed_launcher_two_ranks(tmp_path):
-    """Also: the teacher's parameters offloaded to CPU (ZeRO-inference offload_param)."""
+    """Also: the teacher's supervised stage (trained, exported, then loaded with from_pretrained from
+    that local directory as the frozen teacher) and its parameters offloaded to CPU."""
+    sft = {"max_steps": 3, "deepspeed": ds_section(2, 1, lr=1e-3)}
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), TRAIN,
-           "--config", _preset(tmp_path), "max_steps=2", "export.enabled=true",
+           "--config", _preset(tmp_path), "max_steps=2", "export.enabled=true", f"teacher.sft={json.dumps(sft)}",
            'teacher.deepspeed.zero_optimization.offload_param={"device": "cpu"}']
     out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert _steps(tmp_path) == [1, 2]
     assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "teacher-sft" / "model.safetensors").is_file()
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        sft_steps = [r["stage_step"] for r in map(json.loads, f) if r.get("stage") == "teacher_sft"]
+    assert sft_steps == [1, 2, 3]
 
 
 def test_two_nodes_on_loopback(tmp_path):
