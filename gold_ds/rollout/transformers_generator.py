@@ -22,9 +22,9 @@ def left_padded(prompts: list, pad_id: int) -> dict:
 
 
 class TransformersGenerator:
-    def __init__(self, module, tokenizer, *, max_new_tokens: int, temperature: float = 1.0,
+    def __init__(self, module, tokenizer, *, device, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0):
-        self.module = module
+        self.module, self.device = module, device  # the device the model computes on (params may be offloaded)
         self.pad_id = tokenizer.pad_token_id
         self.eos_id = tokenizer.eos_token_id
         self.max_new_tokens = max_new_tokens
@@ -39,8 +39,7 @@ class TransformersGenerator:
         if not prompts:
             raise ValueError("generate needs at least one prompt on every rank (ZeRO-3 forward passes are collective)")
         prompts = [p for p in prompts for _ in range(num_generations)]
-        device = next(self.module.parameters()).device
-        batch = {k: v.to(device) for k, v in left_padded(prompts, self.pad_id).items()}
+        batch = {k: v.to(self.device) for k, v in left_padded(prompts, self.pad_id).items()}
         kwargs = dict(max_new_tokens=max_new_tokens or self.max_new_tokens, pad_token_id=self.pad_id,
                       eos_token_id=self.eos_id, synced_gpus=dist.is_initialized() and dist.get_world_size() > 1)
         if greedy:

@@ -103,8 +103,10 @@ class Trainer:
                                          temperature=cfg.distill.temperature, reduction="sum")
         r = cfg.rollout
         gen = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
-        self.student_gen = TransformersGenerator(self.student.module, self.tokenizer, **gen)
-        self.teacher_gen = TransformersGenerator(self.teacher.module, self.tokenizer, **gen)
+        self.student_gen = TransformersGenerator(self.student.module, self.tokenizer,
+                                                 device=self.student.device, **gen)
+        self.teacher_gen = TransformersGenerator(self.teacher.module, self.tokenizer,
+                                                 device=self.teacher.device, **gen)
         self.evaluator = (Evaluator(self.eval_data, cfg.eval, self.tokenizer, self.student, self.teacher,
                                     self.student_gen, self.teacher_gen, self._forward_logits, self.loss_fn,
                                     self.micro * self.ga)
