@@ -111,12 +111,11 @@ def _build(cls, raw: dict, prefix: str):
 
 
 # ------------------------------------------------------------------------------------- validation
-def _ds_stage(ds: dict, key: str) -> int:
+def _ds_stage(ds: dict, key: str) -> None:
     zo = ds.get("zero_optimization")
     if not isinstance(zo, dict) or zo.get("stage") != 3:
-        _fail(f"{key}.zero_optimization.stage", (zo or {}).get("stage") if isinstance(zo, dict) else zo,
+        _fail(f"{key}.zero_optimization.stage", zo.get("stage") if isinstance(zo, dict) else zo,
               "gold_ds runs ZeRO stage 3: set it to 3")
-    return 3
 
 
 def _positive_int(value, key):
@@ -222,9 +221,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         _fail("rollout.top_k", r.top_k, "expected an integer >= 0 (0 disables top-k)")
 
     _positive_int(cfg.logging.every, "logging.every")
-    for k in ("every",):
-        if getattr(cfg.eval, k) < 0:
-            _fail(f"eval.{k}", getattr(cfg.eval, k), "expected an integer >= 0 (0: before and after training only)")
+    if cfg.eval.every < 0:
+        _fail("eval.every", cfg.eval.every, "expected an integer >= 0 (0: before and after training only)")
     _positive_int(cfg.eval.max_new_tokens, "eval.max_new_tokens")
     if cfg.eval.num_examples is not None:
         _positive_int(cfg.eval.num_examples, "eval.num_examples")
