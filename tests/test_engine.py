@@ -67,6 +67,7 @@ def _engines_gradients_schedule(tmp):
             for engine in (tr.student, tr.teacher):
                 assert abs(local_parameter_share(engine) - 1 / WORLD) < 0.02, local_parameter_share(engine)
             assert all(not p.requires_grad and p.grad is None for p in tr.teacher.module.parameters())
+            _check_partitioned_at_construction(cfg)
             _check_schedule(tr)
             _check_uneven_generation(tr)
             _check_rollouts(tr)
@@ -113,6 +114,18 @@ def _reference_gradient(cfg, student_state, teacher_state, sequences):
         n += len(completion)
     (total / n).backward()
     return {k: p.grad.detach() for k, p in student.named_parameters()}
+
+
+def _check_partitioned_at_construction(cfg):
+    """Models are built partitioned (zero.Init): before deepspeed.initialize, each rank's parameters
+    are already placeholders holding ~1/world of the values, never a full copy."""
+    from gold_ds.engine.models import build_model, training_ds_config
+    model = build_model(cfg.student.model, training_ds_config(cfg.student.deepspeed, WORLD))
+    params = list(model.parameters())
+    assert all(p.numel() == 0 for p in params)  # no full tensor anywhere
+    local = sum(p.ds_tensor.numel() for p in params)
+    full = sum(p.ds_numel for p in params)
+    assert abs(local / full - 1 / WORLD) < 0.02
 
 
 def _check_schedule(tr):
