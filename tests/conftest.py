@@ -21,12 +21,11 @@ def _llama(hidden, layers, heads):
             "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
 
-def _ds(micro, ga, lr=1e-3, optimizer="AdamW"):
+def ds_section(micro, ga, lr=1e-3):
+    """A student DeepSpeed config: ZeRO-3 with every parameter partitioned, torch AdamW."""
     return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": ga,
-            "zero_allow_untested_optimizer": optimizer == "SGD",
             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-            "optimizer": {"type": optimizer, "params": {"lr": lr} if optimizer == "SGD" else
-                          {"lr": lr, "torch_adam": True}}}
+            "optimizer": {"type": "AdamW", "params": {"lr": lr, "torch_adam": True}}}
 
 
 def tiny_raw(output_dir, micro=2, ga=2, **top) -> dict:
@@ -34,7 +33,7 @@ def tiny_raw(output_dir, micro=2, ga=2, **top) -> dict:
     raw = {
         "name": "tiny", "output_dir": str(output_dir), "seed": 0, "max_steps": 2,
         "student": {"model": {"config": _llama(32, 2, 2), "tokenizer": "builtin:arithmetic", "init_seed": 1},
-                    "deepspeed": _ds(micro, ga)},
+                    "deepspeed": ds_section(micro, ga)},
         "teacher": {"model": {"config": _llama(64, 2, 2), "tokenizer": "builtin:arithmetic", "init_seed": 7},
                     "deepspeed": {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}},
         "data": {"train": {"builtin": "arithmetic", "split": "train", "num_examples": 64},
@@ -46,10 +45,6 @@ def tiny_raw(output_dir, micro=2, ga=2, **top) -> dict:
     }
     raw.update(copy.deepcopy(top))
     return raw
-
-
-def ds_section(micro, ga, **kw):
-    return _ds(micro, ga, **kw)
 
 
 def free_port() -> int:

@@ -15,12 +15,13 @@ from ..data.tasks import exact_match
 
 class Evaluator:
     def __init__(self, data, eval_cfg, tokenizer, student, teacher, student_gen, teacher_gen,
-                 forward_logits, loss_fn, batch_size: int):
+                 forward_logits, loss_fn, forward_batch: int, generate_batch: int):
         self.rows = data.rows[:eval_cfg.num_examples] if eval_cfg.num_examples else data.rows
         self.cfg, self.tokenizer = eval_cfg, tokenizer
         self.student, self.teacher = student, teacher
         self.student_gen, self.teacher_gen = student_gen, teacher_gen
-        self.forward_logits, self.loss_fn, self.batch_size = forward_logits, loss_fn, batch_size
+        self.forward_logits, self.loss_fn = forward_logits, loss_fn
+        self.forward_batch, self.generate_batch = forward_batch, generate_batch  # as in training: micro, window
         self.has_answers = all(r.example.answer is not None for r in self.rows)
         self._teacher = None  # (correct count, table completions): the teacher is frozen
 
@@ -34,8 +35,8 @@ class Evaluator:
 
     def _greedy(self, gen, rows):
         out = []
-        for i in range(0, len(rows), self.batch_size):
-            chunk = rows[i:i + self.batch_size]
+        for i in range(0, len(rows), self.generate_batch):
+            chunk = rows[i:i + self.generate_batch]
             out += gen.generate([r.prompt_ids for r in chunk], 1, greedy=True, max_new_tokens=self.cfg.max_new_tokens)
         return [self.tokenizer.decode(c, skip_special_tokens=True) for c in out]
 
@@ -53,8 +54,8 @@ class Evaluator:
     def _run(self):
         rows, counted = self._my_rows()
         loss_sum = tokens = 0.0
-        for i in range(0, len(rows), self.batch_size):
-            chunk = rows[i:i + self.batch_size]
+        for i in range(0, len(rows), self.forward_batch):
+            chunk = rows[i:i + self.forward_batch]
             batch = training_batch([(r.prompt_ids, r.completion_ids) for r in chunk], self.tokenizer.pad_token_id)
             keep = torch.tensor([i + j < counted for j in range(len(chunk))])
             batch["loss_mask"] &= keep[:, None]

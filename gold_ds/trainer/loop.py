@@ -109,7 +109,7 @@ class Trainer:
                                                  device=self.teacher.device, **gen)
         self.evaluator = (Evaluator(self.eval_data, cfg.eval, self.tokenizer, self.student, self.teacher,
                                     self.student_gen, self.teacher_gen, self._forward_logits, self.loss_fn,
-                                    self.micro * self.ga)
+                                    forward_batch=self.micro, generate_batch=self.micro * self.ga)
                           if self.eval_data is not None else None)
         self.step = 0
         self.results = {}
