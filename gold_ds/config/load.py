@@ -195,6 +195,20 @@ def validate(cfg: RunConfig) -> RunConfig:
         _fail("distill.lmbda", x.lmbda, "expected a probability in [0, 1]")
     if x.temperature <= 0:
         _fail("distill.temperature", x.temperature, "expected a number > 0")
+    if x.teacher_temperature is not None and x.teacher_temperature <= 0:
+        _fail("distill.teacher_temperature", x.teacher_temperature, "expected a number > 0 (or null: the temperature)")
+    if x.loss == "jsd" and x.teacher_temperature not in (None, x.temperature):
+        _fail("distill.teacher_temperature", x.teacher_temperature,
+              "jsd uses one temperature for both models (distill.temperature); leave it null or use uld/hybrid_uld")
+    for key in ("matched_weight", "unmatched_weight"):
+        w = getattr(x, key)
+        if w is not None and (x.loss != "hybrid_uld" or w < 0):
+            _fail(f"distill.{key}", w, "expected a number >= 0, and only with distill.loss='hybrid_uld' (null: the default)")
+    for key in ("divergence_weight", "ce_weight"):
+        if getattr(x, key) < 0:
+            _fail(f"distill.{key}", getattr(x, key), "expected a number >= 0")
+    if x.divergence_weight == 0 and x.ce_weight == 0:
+        _fail("distill.ce_weight", x.ce_weight, "distill.divergence_weight and distill.ce_weight are both 0: nothing to train on")
     _positive_int(x.num_generations, "distill.num_generations")
     micro = cfg.student.deepspeed["train_micro_batch_size_per_gpu"]
     ga = cfg.student.deepspeed["gradient_accumulation_steps"]

@@ -86,12 +86,31 @@ class DataConfig:
 
 @dataclass
 class DistillConfig:
-    loss: Literal["jsd"] = "jsd"
-    """Distillation loss (a shared tokenizer: generalized JSD)."""
+    loss: Literal["jsd", "uld", "hybrid_uld"] = "jsd"
+    """Divergence between the student's and the teacher's next-token distributions. ``jsd``
+    (generalized JSD, token by token) needs one shared tokenizer. ``uld`` (sorted L1) and
+    ``hybrid_uld`` (JSD on the tokens both vocabularies share, matched by the bytes they stand for;
+    sorted L1 on the rest) work across tokenizers: rows are compared per aligned byte span, with the
+    probabilities of multi-token spans merged by the chain rule (see ``gold_ds.align``)."""
     beta: float = 0.5
-    """Generalized JSD interpolation: 0 = KL(teacher||student), 1 = KL(student||teacher)."""
+    """Generalized JSD interpolation (``jsd``, and ``hybrid_uld``'s matched part):
+    0 = KL(teacher||student), 1 = KL(student||teacher)."""
     temperature: float = 1.0
-    """Both logits are divided by it before the loss."""
+    """The student's logits are divided by it before the loss (and the teacher's, unless
+    ``teacher_temperature`` is set)."""
+    teacher_temperature: Optional[float] = None
+    """The teacher's temperature for ``uld`` / ``hybrid_uld``; default ``temperature``."""
+    matched_weight: Optional[float] = None
+    """``hybrid_uld``: weight of the matched (JSD) part; default K / teacher vocabulary size, K the
+    number of matched tokens."""
+    unmatched_weight: Optional[float] = None
+    """``hybrid_uld``: weight of the unmatched (sorted L1) part; default 1 - the default matched weight."""
+    divergence_weight: float = 1.0
+    """Weight of the divergence above in the loss."""
+    ce_weight: float = 0.0
+    """Weight of an added cross-entropy term: the student's negative log-likelihood of the trained
+    completion tokens (0: none). Divergence weight 0, ce weight 1, ``seq_kd`` and ``lmbda`` 0 is
+    supervised fine-tuning on the teacher's completions."""
     lmbda: float = 0.5
     """Probability that a micro-step is on-policy (completions sampled from the student)."""
     seq_kd: bool = False

@@ -4,7 +4,7 @@
 draws from its last 1,000 questions, the ``train`` split from the 7,100 before them, so the two never
 share a question whatever their sizes.
 """
-from .tasks import arithmetic_rows, train_arithmetic_tokenizer
+from .tasks import arithmetic_rows, train_arithmetic_tokenizer, train_arithmetic_unigram_tokenizer
 
 _SPLITS = {"train": (0, 7_100), "eval": (7_100, 8_100)}
 
@@ -22,7 +22,12 @@ def builtin_rows(name: str, split: str, num_examples, seed: int) -> list:
     return arithmetic_rows(8_100, seed)[start:start + n]
 
 
+_TOKENIZERS = {"arithmetic": train_arithmetic_tokenizer,  # byte-level BPE, ChatML
+               "arithmetic-unigram": train_arithmetic_unigram_tokenizer}  # Unigram + byte fallback, [INST]
+
+
 def builtin_tokenizer(name: str):
-    if name != "arithmetic":
-        raise ValueError(f"unknown builtin tokenizer 'builtin:{name}'; available: 'builtin:arithmetic'")
-    return train_arithmetic_tokenizer()
+    if name not in _TOKENIZERS:
+        raise ValueError(f"unknown builtin tokenizer 'builtin:{name}'; available: "
+                         + ", ".join(f"'builtin:{k}'" for k in _TOKENIZERS))
+    return _TOKENIZERS[name]()

@@ -10,12 +10,18 @@ position, which tiny models learn much faster than ragged widths. Questions are 
 replacement from the space of operand pairs, so one seeded draw can be cut into a training split and a
 held-out split that share no question.
 
-The tokenizer is a byte-level BPE trained here, offline. Its pre-tokenizer puts
+Two tokenizers of different families are trained here, offline, so that cross-tokenizer distillation
+can be shown without downloads: ``train_arithmetic_tokenizer`` (byte-level BPE, ChatML: the teacher's
+and the default student's) and ``train_arithmetic_unigram_tokenizer`` (SentencePiece-style Unigram
+with Metaspace and byte fallback, a Llama-2-style template: the cross-tokenizer demo's student).
+
+The byte-level BPE is trained here, offline. Its pre-tokenizer puts
 every digit and every punctuation/operator character in a token of its own, so numbers are spelled
 digit by digit. Its ChatML template puts no newline after the last message, so a rendered
 conversation ends with `<|im_end|>`: the tokens after the `add_generation_prompt=True` rendering of a
 prompt are exactly the answer's tokens followed by `<|im_end|>`.
 """
+import json
 import random
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -104,3 +110,40 @@ def train_arithmetic_tokenizer() -> PreTrainedTokenizerFast:
         unk_token=None,
         chat_template=CHATML_TEMPLATE,
     )
+
+
+# Llama-2 style: "<s>[INST] question [/INST]answer</s>" (no space before the answer, so the
+# completion's first token carries no word-boundary marker).
+INST_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ bos_token }}[INST] {{ message['content'] }} [/INST]"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}"
+    "{% else %}{{ bos_token }}[SYS] {{ message['content'] }} [/SYS]{% endif %}"
+    "{% endfor %}"
+)
+
+
+def train_arithmetic_unigram_tokenizer() -> PreTrainedTokenizerFast:
+    """A SentencePiece-style Unigram tokenizer, deterministic: Metaspace (``▁`` for a space, prepended
+    only at the start of a text), byte fallback (``<0x00>``..``<0xFF>``, so any text encodes), digits
+    and punctuation pre-tokenized apart (numbers are spelled digit by digit, as the teacher's are, so
+    the two can learn the same task; their vocabularies, templates and special tokens all differ).
+    Special tokens ``<pad>`` (0), ``<s>``, ``</s>`` (eos: the end of a turn), ``<unk>``, ``[INST]``,
+    ``[/INST]``, ``[SYS]``, ``[/SYS]``. Carries ``INST_TEMPLATE``."""
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "[INST]", "[/INST]", "[SYS]", "[/SYS]"]
+    meta = dict(replacement="\u2581", prepend_scheme="first")
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Punctuation(behavior="isolated"),
+        pre_tokenizers.Metaspace(**meta),
+    ])
+    trainer = trainers.UnigramTrainer(vocab_size=64, special_tokens=specials, unk_token="<unk>",
+                                      initial_alphabet=list("0123456789+=-*/\u2581"), show_progress=False)
+    tokenizer.train_from_iterator(["system user assistant question answer the sum of"], trainer=trainer)
+    trained = json.loads(tokenizer.to_str())["model"]
+    vocab = [tuple(v) for v in trained["vocab"]] + [(f"<0x{b:02X}>", -100.0) for b in range(256)]
+    tokenizer.model = models.Unigram(vocab, unk_id=trained["unk_id"], byte_fallback=True)
+    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(**meta)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>", chat_template=INST_TEMPLATE)

@@ -9,18 +9,20 @@ import math
 import torch
 import torch.distributed as dist
 
-from ..data.batch import training_batch
 from ..data.tasks import exact_match
 
 
 class Evaluator:
-    def __init__(self, data, eval_cfg, tokenizer, student, teacher, student_gen, teacher_gen,
-                 forward_logits, loss_fn, forward_batch: int, generate_batch: int):
+    """``objective(samples, timer)``: the training objective (summed loss of a micro-step);
+    ``teacher_prompt_ids(row)``: a row's prompt in the teacher's template."""
+
+    def __init__(self, data, eval_cfg, tokenizer, teacher_tokenizer, student, student_gen, teacher_gen,
+                 objective, teacher_prompt_ids, forward_batch: int, generate_batch: int):
         self.rows = data.rows[:eval_cfg.num_examples] if eval_cfg.num_examples else data.rows
-        self.cfg, self.tokenizer = eval_cfg, tokenizer
-        self.student, self.teacher = student, teacher
+        self.cfg, self.tokenizer, self.teacher_tokenizer = eval_cfg, tokenizer, teacher_tokenizer
+        self.student = student
         self.student_gen, self.teacher_gen = student_gen, teacher_gen
-        self.forward_logits, self.loss_fn = forward_logits, loss_fn
+        self.objective, self.teacher_prompt_ids = objective, teacher_prompt_ids
         self.forward_batch, self.generate_batch = forward_batch, generate_batch  # as in training: micro, window
         self.has_answers = all(r.example.answer is not None for r in self.rows)
         self._teacher = None  # (correct count, table completions): the teacher is frozen
@@ -33,12 +35,11 @@ class Evaluator:
         idx += [0] * (per - counted)
         return [self.rows[i] for i in idx], counted
 
-    def _greedy(self, gen, rows):
+    def _greedy(self, gen, prompts, tokenizer):
         out = []
-        for i in range(0, len(rows), self.generate_batch):
-            chunk = rows[i:i + self.generate_batch]
-            out += gen.generate([r.prompt_ids for r in chunk], 1, greedy=True, max_new_tokens=self.cfg.max_new_tokens)
-        return [self.tokenizer.decode(c, skip_special_tokens=True) for c in out]
+        for i in range(0, len(prompts), self.generate_batch):
+            out += gen.generate(prompts[i:i + self.generate_batch], 1, greedy=True, max_new_tokens=self.cfg.max_new_tokens)
+        return [tokenizer.decode(c, skip_special_tokens=True) for c in out]
 
     def _correct(self, rows, texts, counted):
         return sum(exact_match(t, r.example.answer) for r, t in zip(rows[:counted], texts[:counted]))
@@ -54,21 +55,18 @@ class Evaluator:
     def _run(self):
         rows, counted = self._my_rows()
         loss_sum = tokens = 0.0
+        timer = {"teacher": 0.0, "student": 0.0}
         for i in range(0, len(rows), self.forward_batch):
             chunk = rows[i:i + self.forward_batch]
-            batch = training_batch([(r.prompt_ids, r.completion_ids) for r in chunk], self.tokenizer.pad_token_id)
-            keep = torch.tensor([i + j < counted for j in range(len(chunk))])
-            batch["loss_mask"] &= keep[:, None]
-            batch = {k: v.to(self.student.device) for k, v in batch.items()}
-            t = self.forward_logits(self.teacher, batch)
-            s = self.forward_logits(self.student, batch)
-            loss_sum += self.loss_fn(s, t, mask=batch["loss_mask"]).item()
-            tokens += float(batch["loss_mask"].sum())
+            keep = [i + j < counted for j in range(len(chunk))]  # padding rows run but do not count
+            loss_sum += float(self.objective(chunk, timer, keep=keep)[0])
+            tokens += sum(len(r.completion_ids) for r, k in zip(chunk, keep) if k)
         stats = [loss_sum, tokens]
         greedy_rows = rows if self.has_answers else rows[:self.cfg.num_samples]
-        student_texts = self._greedy(self.student_gen, greedy_rows)
+        student_texts = self._greedy(self.student_gen, [r.prompt_ids for r in greedy_rows], self.tokenizer)
         if self._teacher is None:
-            teacher_texts = self._greedy(self.teacher_gen, greedy_rows)
+            teacher_texts = self._greedy(self.teacher_gen, [self.teacher_prompt_ids(r) for r in greedy_rows],
+                                         self.teacher_tokenizer)
             correct = self._correct(rows, teacher_texts, counted) if self.has_answers else 0
             self._teacher = (correct, teacher_texts[:self.cfg.num_samples])
         if self.has_answers:

@@ -71,9 +71,14 @@ class MetricsLogger:
             import wandb
             self.wandb_run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
 
-    def summary(self, values: dict) -> None:
+    def summary(self, results: dict) -> None:
+        """The run's results: ``results.json`` in the output dir, and W&B's run summary (scalars)."""
+        if not self.enabled:
+            return
+        with open(os.path.join(self.cfg.output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
         if self.wandb_run is not None:
-            self.wandb_run.summary.update(values)
+            self.wandb_run.summary.update({k: v for k, v in results.items() if not isinstance(v, dict)})
 
     def close(self) -> None:
         if not self.enabled:

@@ -28,14 +28,15 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, validate_world
 from ..data.batch import RankSampler, training_batch
-from ..data.dataset import encode_dataset, read_rows
+from ..data.cross_tokenizer import CrossTokenizerAssembler
+from ..data.dataset import EncodedExample, encode_dataset, read_rows
 from ..engine.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from ..data.tokenizer import load_tokenizer
 from ..engine.models import build_inference_engine, build_training_engine
-from ..losses import generalized_jsd
 from ..rollout import TransformersGenerator
 from .evaluate import Evaluator
 from .logging import MetricsLogger
+from .objective import CrossTokenizerObjective, SharedVocabularyObjective
 
 
 def init_distributed():
@@ -78,8 +79,14 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no complete checkpoint in {self.ckpt_root}")
 
         self.tokenizer = load_tokenizer(cfg.student.model)
-        check_shared_vocabulary(self.tokenizer, load_tokenizer(cfg.teacher.model))
-        self.vocab = len(self.tokenizer)
+        self.teacher_tokenizer = load_tokenizer(cfg.teacher.model)
+        self.cross = cfg.distill.loss != "jsd"  # uld / hybrid_uld: any two tokenizers
+        if self.cross:
+            self.assembler = CrossTokenizerAssembler(self.tokenizer, self.teacher_tokenizer)
+            self._teacher_rows = {}  # id(row) -> the teacher's rendering, for its supervised stage
+        else:
+            check_shared_vocabulary(self.tokenizer, self.teacher_tokenizer)
+            self.teacher_tokenizer = self.tokenizer
         d = cfg.data
         encode = functools.partial(encode_dataset, self.tokenizer, max_prompt_length=d.max_prompt_length,
                                    max_completion_length=d.max_completion_length, on_bad_row=d.on_bad_row)
@@ -99,17 +106,22 @@ class Trainer:
         teacher_model = self._teacher_sft() if cfg.teacher.sft.max_steps > 0 else cfg.teacher.model
         self.teacher = build_inference_engine(teacher_model, cfg.teacher.deepspeed, self.micro, self.world)
         self.student = build_training_engine(cfg.student.model, ds, self.world)
-        self.loss_fn = functools.partial(generalized_jsd, beta=cfg.distill.beta,
-                                         temperature=cfg.distill.temperature, reduction="sum")
+        if self.cross:
+            self.objective = CrossTokenizerObjective(cfg.distill, self.student, self.teacher, self.tokenizer,
+                                                     self.teacher_tokenizer, self._now, self.log.info)
+        else:
+            self.objective = SharedVocabularyObjective(cfg.distill, self.student, self.teacher, self.tokenizer,
+                                                       self._now)
         r = cfg.rollout
         gen = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
         self.student_gen = TransformersGenerator(self.student.module, self.tokenizer,
                                                  device=self.student.device, **gen)
-        self.teacher_gen = TransformersGenerator(self.teacher.module, self.tokenizer,
+        self.teacher_gen = TransformersGenerator(self.teacher.module, self.teacher_tokenizer,
                                                  device=self.teacher.device, **gen)
-        self.evaluator = (Evaluator(self.eval_data, cfg.eval, self.tokenizer, self.student, self.teacher,
-                                    self.student_gen, self.teacher_gen, self._forward_logits, self.loss_fn,
-                                    forward_batch=self.micro, generate_batch=self.micro * self.ga)
+        self.evaluator = (Evaluator(self.eval_data, cfg.eval, self.tokenizer, self.teacher_tokenizer,
+                                    self.student, self.student_gen, self.teacher_gen, self.objective,
+                                    self._teacher_prompt_ids, forward_batch=self.micro,
+                                    generate_batch=self.micro * self.ga)
                           if self.eval_data is not None else None)
         self.step = 0
         self.results = {}
@@ -121,17 +133,25 @@ class Trainer:
             self.log.info(f"[gold_ds] resumed from {os.path.join(self.ckpt_root, self.resume_tag)} at step {self.step}")
 
     # ------------------------------------------------------------------------------- building blocks
-    def _forward_logits(self, engine, batch):
-        """Logits [B, T-1, V] in the model dtype, cut to the shared tokenizer's vocabulary (models may
-        pad their embedding matrix)."""
-        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        logits = out.logits[:, :-1]
-        if logits.shape[-1] < self.vocab:
-            raise ValueError(f"model has {logits.shape[-1]} logits per position but the tokenizer has {self.vocab} tokens")
-        return logits[..., :self.vocab]
+    def _teacher_prompt_ids(self, row) -> list:
+        """A row's prompt in the teacher's own template (the student's when they share a tokenizer)."""
+        return self.assembler.teacher_prompt_ids(row.example) if self.cross else row.prompt_ids
 
-    def _to_device(self, batch, engine):
-        return {k: v.to(engine.device) for k, v in batch.items()}
+    def _student_sample(self, row, teacher_completion_ids) -> EncodedExample:
+        """A teacher-sampled completion (seq_kd) of a row as a student sample."""
+        if not self.cross:
+            return EncodedExample(row.prompt_ids, teacher_completion_ids, row.example)
+        return self.assembler.student_sample(row.example, teacher_completion_ids, self.cfg.data.max_completion_length)
+
+    def _teacher_sequence(self, row) -> tuple:
+        """A dataset row as the teacher's (prompt ids, completion ids), for its supervised stage."""
+        if not self.cross:
+            return row.prompt_ids, row.completion_ids
+        key = id(row)
+        if key not in self._teacher_rows:
+            p, c = self.assembler.render(self.teacher_tokenizer, row.example, row.example.completion, True)
+            self._teacher_rows[key] = (p, c[:self.cfg.data.max_completion_length])
+        return self._teacher_rows[key]
 
     def _draw_policy(self, step: int) -> list:
         """On-policy flag per micro-step: drawn on rank 0 from (seed, step), broadcast to all ranks."""
@@ -153,16 +173,18 @@ class Trainer:
         dist.all_reduce(t, op=op)
         return t.tolist()
 
-    def _backward_window(self, engine, micro_batches: list, loss_of_batch, timer: dict):
+    def _backward_window(self, engine, micro_samples: list, loss_of_samples, timer: dict):
         """Forward/backward every micro-step of a window with the per-window normalization, calling
         ``engine.step()`` after each (DeepSpeed applies the update at the window's end).
-        ``loss_of_batch(batch, timer)`` returns the micro-step's summed loss. Returns the global
-        token count per micro-step, their total, and the micro-steps' summed losses (floats)."""
-        tokens = self._global_sum([float(b["loss_mask"].sum()) for b in micro_batches])
+        ``micro_samples``: per micro-step, its samples (``EncodedExample``: the student's ids);
+        ``loss_of_samples(samples, timer)`` returns the micro-step's summed loss and a dict of
+        counters. Returns the global token count per micro-step, their total, the micro-steps'
+        summed losses (floats) and the counters summed over the window (this rank)."""
+        tokens = self._global_sum([float(sum(len(s.completion_ids) for s in ms)) for ms in micro_samples])
         total = sum(tokens)
-        sums = []
-        for b in micro_batches:
-            loss_sum = loss_of_batch(self._to_device(b, engine), timer)
+        sums, counters = [], {}
+        for samples in micro_samples:
+            loss_sum, stats = loss_of_samples(samples, timer)
             t0 = self._now()
             engine.backward(loss_sum * (self.world / total), scale_wrt_gas=False)
             timer["student"] += self._now() - t0
@@ -170,7 +192,9 @@ class Trainer:
             engine.step()
             timer["optimizer"] += self._now() - t0
             sums.append(loss_sum.item())
-        return tokens, total, sums
+            for k, v in stats.items():
+                counters[k] = counters.get(k, 0) + v
+        return tokens, total, sums, counters
 
     # ---------------------------------------------------------------------------------- teacher SFT
     def _teacher_sft(self) -> ModelConfig:
@@ -190,28 +214,30 @@ class Trainer:
         micro, ga = sft.deepspeed["train_micro_batch_size_per_gpu"], sft.deepspeed["gradient_accumulation_steps"]
         sampler = RankSampler(len(self.train_data), self.rank, self.world, cfg.seed + 1, cfg.data.shuffle)
 
-        def ce(batch, timer):
+        vocab = len(self.teacher_tokenizer)
+
+        def ce(samples, timer):
             t0 = time.perf_counter()
-            logits = self._forward_logits(engine, batch)
-            targets = batch["input_ids"][:, 1:]
+            batch = {k: v.to(engine.device) for k, v in training_batch(
+                [(s.prompt_ids, s.completion_ids) for s in samples], self.teacher_tokenizer.pad_token_id).items()}
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
             mask = batch["loss_mask"]
-            loss = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")
+            loss = F.cross_entropy(logits[mask][:, :vocab].float(), batch["input_ids"][:, 1:][mask], reduction="sum")
             timer["student"] += time.perf_counter() - t0
-            return loss
+            return loss, {}
 
         t_start = time.perf_counter()
         for step in range(sft.max_steps):
             timer = {"student": 0.0, "optimizer": 0.0}
-            batches = [training_batch([(r.prompt_ids, r.completion_ids) for r in
-                                       (self.train_data.rows[i] for i in sampler.take(micro))],
-                                      self.tokenizer.pad_token_id) for _ in range(ga)]
-            _, total, sums = self._backward_window(engine, batches, ce, timer)
+            windows = [[EncodedExample(*self._teacher_sequence(self.train_data.rows[i]), None)
+                        for i in sampler.take(micro)] for _ in range(ga)]
+            _, total, sums, _ = self._backward_window(engine, windows, ce, timer)
             loss = self._global_sum([sum(sums)])[0] / total
             if (step + 1) % cfg.logging.every == 0:
                 self.log.log(step + 1, {"loss": loss}, stage="teacher_sft")
             if (step + 1) % max(1, sft.max_steps // 10) == 0:
                 self.log.info(f"[gold_ds] teacher SFT step {step + 1}/{sft.max_steps} loss {loss:.4f}")
-        export_hf(engine, self.tokenizer, out_dir)
+        export_hf(engine, self.teacher_tokenizer, out_dir)
         self.log.info(f"[gold_ds] teacher SFT: {sft.max_steps} steps in {time.perf_counter() - t_start:.0f}s, "
                       f"exported to {out_dir}")
         engine.destroy()
@@ -230,39 +256,33 @@ class Trainer:
 
         # rollout: every on-policy prompt of the window in one call (the same calls on every rank)
         t0 = self._now()
-        seqs = [[(r.prompt_ids, r.completion_ids) for r in rs] if not on else None for rs, on in zip(rows, flags)]
+        seqs = [None if on else list(rs) for rs, on in zip(rows, flags)]  # per micro-step: its samples
         on_prompts = [r.prompt_ids for rs, on in zip(rows, flags) if on for r in rs]
         if on_prompts:
             samples = iter(self.student_gen.generate(on_prompts, G))
             for m, on in enumerate(flags):
                 if on:
-                    seqs[m] = [(r.prompt_ids, next(samples)) for r in rows[m] for _ in range(G)]
+                    seqs[m] = [EncodedExample(r.prompt_ids, next(samples), r.example) for r in rows[m] for _ in range(G)]
         if cfg.distill.seq_kd and not all(flags):
-            off_prompts = [r.prompt_ids for rs, on in zip(rows, flags) if not on for r in rs]
+            off_prompts = [self._teacher_prompt_ids(r) for rs, on in zip(rows, flags) if not on for r in rs]
             samples = iter(self.teacher_gen.generate(off_prompts, 1))
             for m, on in enumerate(flags):
                 if not on:
-                    seqs[m] = [(p, next(samples)) for p, _ in seqs[m]]
+                    seqs[m] = [self._student_sample(r, next(samples)) for r in rows[m]]
         timer["rollout"] = self._now() - t0
-        batches = [training_batch(s, self.tokenizer.pad_token_id) for s in seqs]
 
-        def jsd(batch, timer):
-            t0 = self._now()
-            with torch.no_grad():
-                t_logits = self._forward_logits(self.teacher, batch)
-            t1 = self._now()
-            s_logits = self._forward_logits(self.student, batch)
-            mask = batch["loss_mask"]
-            loss = self.loss_fn(s_logits, t_logits, mask=mask)
-            timer["teacher"] += t1 - t0
-            timer["student"] += self._now() - t1
-            return loss
-
-        tokens, total, sums = self._backward_window(self.student, batches, jsd, timer)
+        tokens, total, sums, counters = self._backward_window(self.student, seqs, self.objective, timer)
         on_sum = sum(s for s, on in zip(sums, flags) if on)
         off_sum = sum(s for s, on in zip(sums, flags) if not on)
         on_tok = sum(t for t, on in zip(tokens, flags) if on)
-        g = self._global_sum([on_sum, off_sum])
+        keys = sorted(counters)
+        g = self._global_sum([on_sum, off_sum] + [float(counters[k]) for k in keys])
+        counters = dict(zip(keys, g[2:]))
+        align = {}
+        if self.cross:
+            align = {"align/coverage": counters["align/covered_bytes"] / max(counters["align/total_bytes"], 1.0),
+                     "align/groups_per_token": counters["align/groups"] / total,
+                     "align/unaligned_samples": int(counters["align/unaligned_samples"])}
         times = self._global_sum([timer[k] for k in ("rollout", "teacher", "student", "optimizer")],
                                  op=dist.ReduceOp.MAX)
         dt = self._now() - t_step
@@ -276,7 +296,7 @@ class Trainer:
             "on_policy_share": sum(flags) / len(flags),
             "lr": self.student.get_lr()[0],
             "time/rollout": times[0], "time/teacher": times[1], "time/student": times[2],
-            "time/optimizer": times[3], "time/step": dt,
+            "time/optimizer": times[3], "time/step": dt, **align,
         }
 
     # --------------------------------------------------------------------------------------- the run
@@ -333,5 +353,5 @@ class Trainer:
         if "loss" in after:
             lines.append(f"eval distillation loss: {before.get('loss', math.nan):.4f} -> {after['loss']:.4f}")
         self.results["wall_time"] = self.wall
-        self.log.summary({k: v for k, v in self.results.items() if not isinstance(v, dict)})
+        self.log.summary(self.results)
         self.log.info("\n".join(lines))

@@ -1,0 +1,206 @@
+"""Cross-tokenizer distillation in the trainer: teacher inputs in the teacher's own template, the
+alignment of a micro-step, and the micro-step loss against an fp64 reference computed here from the
+plain formulas (groups from decoded prefixes, merged rows by explicit products, sorted L1 / hybrid).
+"""
+import json
+import math
+
+import pytest
+import torch
+
+from gold_ds.config.schema import DistillConfig
+from gold_ds.data.cross_tokenizer import CrossTokenizerAssembler
+from gold_ds.data.dataset import EncodedExample, Example, encode_example
+from gold_ds.data.tasks import arithmetic_rows, train_arithmetic_tokenizer, train_arithmetic_unigram_tokenizer
+
+import reference_losses as ref
+
+
+def _pairs_tokenizer():
+    """A Unigram tokenizer that spells numbers in multi-digit pieces, with a template that puts a
+    space between ``[/INST]`` and the answer (the completion's first piece starts with ``▁``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.Unigram())
+    meta = dict(replacement="\u2581", prepend_scheme="first")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Punctuation(behavior="isolated"),
+                                                 pre_tokenizers.Metaspace(**meta)])
+    tok.decoder = decoders.Metaspace(**meta)
+    corpus = [f"{r['messages'][0]['content']} {r['answer']}" for r in arithmetic_rows(2000, 3)]
+    tok.train_from_iterator(corpus, trainer=trainers.UnigramTrainer(
+        vocab_size=150, special_tokens=["<pad>", "<s>", "</s>", "<unk>", "[INST]", "[/INST]"], unk_token="<unk>",
+        show_progress=False))
+    template = ("{% for m in messages %}{% if m['role'] == 'user' %}<s>[INST] {{ m['content'] }} [/INST]"
+                "{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", chat_template=template)
+
+
+def _conversation(question, answer):
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def _samples(tokenizer, n=4, truncate_last=True):
+    rows = arithmetic_rows(n, seed=11)
+    out = []
+    for r in rows:
+        ex = Example(r["messages"][:1], r["answer"], r["answer"])
+        p, c = encode_example(tokenizer, ex)
+        out.append(EncodedExample(p, c, ex))
+    if truncate_last:  # cut by the length limit: no EOS
+        last = out[-1]
+        out[-1] = EncodedExample(last.prompt_ids, last.completion_ids[:1], last.example)
+    return out
+
+
+@pytest.mark.parametrize("student_name", ["unigram", "pairs"])
+def test_teacher_inputs_are_the_teachers_own_template(student_name):
+    student = train_arithmetic_unigram_tokenizer() if student_name == "unigram" else _pairs_tokenizer()
+    teacher = train_arithmetic_tokenizer()
+    asm = CrossTokenizerAssembler(student, teacher)
+    samples = _samples(student, truncate_last=False)
+    cb = asm.assemble(samples)
+    for b, smp in enumerate(samples):
+        conv = _conversation(smp.example.prompt[0]["content"], smp.example.completion)
+        want = teacher.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]
+        n = int(cb.teacher["attention_mask"][b].sum())
+        assert cb.teacher["input_ids"][b, :n].tolist() == list(want)
+        # the student's own rendering is untouched
+        want_s = student.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]
+        n = int(cb.student["attention_mask"][b].sum())
+        assert cb.student["input_ids"][b, :n].tolist() == list(want_s)
+    assert cb.covered_bytes == cb.total_bytes == sum(len(s.example.completion) for s in samples)
+    assert cb.unaligned == 0
+
+
+def _boundaries(tokenizer, ids):
+    """Byte offset after each completion token, from decoding prefixes (independent of gold_ds.align)."""
+    return [len(tokenizer.decode(ids[:i + 1], skip_special_tokens=True).encode()) for i in range(len(ids))]
+
+
+def _reference_groups(student, teacher, s_ids, t_ids):
+    """Token ranges between shared byte boundaries, plus the end-of-turn pair (plain Python). A token
+    that adds no byte to the decoded text (special tokens; a template's separator space that the
+    decoder drops) belongs to no group."""
+    def widths(tok, ids):
+        ends = _boundaries(tok, ids)
+        return ends, [e > (ends[i - 1] if i else 0) for i, e in enumerate(ends)]
+    (s_end, s_w), (t_end, t_w) = widths(student, s_ids), widths(teacher, t_ids)
+    shared = sorted(set(e for e, w in zip(s_end, s_w) if w) & set(e for e, w in zip(t_end, t_w) if w))
+    groups, lo = [], 0
+    for b in shared:
+        s_in = [i for i, (e, w) in enumerate(zip(s_end, s_w)) if w and lo < e <= b]
+        t_in = [i for i, (e, w) in enumerate(zip(t_end, t_w)) if w and lo < e <= b]
+        groups.append((s_in[0], s_in[-1] + 1, t_in[0], t_in[-1] + 1))
+        lo = b
+    if s_ids and s_ids[-1] == student.eos_token_id and t_ids and t_ids[-1] == teacher.eos_token_id:
+        groups.append((len(s_ids) - 1, len(s_ids), len(t_ids) - 1, len(t_ids)))
+    return groups
+
+
+def _tiny_llama(vocab, seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=0, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # sharper, less uniform distributions than the default init
+        model.lm_head.weight.mul_(40)
+    return model
+
+
+@pytest.mark.parametrize("loss,student_name", [("uld", "pairs"), ("hybrid_uld", "pairs"), ("hybrid_uld", "unigram")])
+def test_micro_step_loss_matches_fp64_reference(loss, student_name):
+    student_tok = train_arithmetic_unigram_tokenizer() if student_name == "unigram" else _pairs_tokenizer()
+    teacher_tok = train_arithmetic_tokenizer()
+    # swap roles too: the pairs tokenizer as the teacher merges spans on the teacher side
+    for s_tok, t_tok in ((student_tok, teacher_tok), (teacher_tok, student_tok)):
+        distill = DistillConfig(loss=loss, beta=0.3, temperature=1.3, teacher_temperature=0.8, ce_weight=0.25,
+                                divergence_weight=1.5)
+        s_model, t_model = _tiny_llama(len(s_tok), 0), _tiny_llama(len(t_tok), 1)
+        from gold_ds.trainer.objective import CrossTokenizerObjective
+        import time
+        obj = CrossTokenizerObjective(distill, s_model, t_model, s_tok, t_tok, time.perf_counter, lambda _: None)
+        samples = _samples(s_tok)
+        timer = {"teacher": 0.0, "student": 0.0}
+        got, stats = obj(samples, timer)
+        got.backward()
+        got_grads = [p.grad.clone() for p in s_model.parameters()]
+        s_model.zero_grad()
+
+        total, merged_groups = torch.zeros((), dtype=torch.float64), 0
+        # the reference keeps the student's graph: its gradient is checked too
+        for smp in samples:
+            finished = smp.completion_ids[-1] == s_tok.eos_token_id
+            text = s_tok.decode(smp.completion_ids, skip_special_tokens=True)
+            tp, tc = encode_example(t_tok, Example(smp.example.prompt, text))
+            if not finished:
+                tc = tc[:-1]
+            s_logits = s_model(torch.tensor([smp.prompt_ids + smp.completion_ids])).logits[0].double()
+            with torch.no_grad():
+                t_logits = t_model(torch.tensor([tp + tc])).logits[0].double()
+            # row len(prompt) - 1 + i predicts completion token i
+            s_row = lambda i: s_logits[len(smp.prompt_ids) - 1 + i]
+            t_row = lambda i: t_logits[len(tp) - 1 + i]
+            s_lp = lambda i: torch.log_softmax(s_row(i) / distill.temperature, -1)[smp.completion_ids[i]]
+            t_lp = lambda i: torch.log_softmax(t_row(i) / distill.teacher_temperature, -1)[tc[i]]
+            for s0, s1, t0, t1 in _reference_groups(s_tok, t_tok, smp.completion_ids, tc):
+                merged_groups += (s1 - s0 > 1) + (t1 - t0 > 1)
+                # chain rule: the first row's distribution times the other actual tokens' probabilities
+                s_scale = sum((s_lp(i) for i in range(s0 + 1, s1)), torch.zeros((), dtype=torch.float64))
+                t_scale = sum((t_lp(i) for i in range(t0 + 1, t1)), torch.zeros((), dtype=torch.float64))
+                kw = dict(student_temperature=distill.temperature, teacher_temperature=distill.teacher_temperature,
+                          student_log_scale=s_scale[None], teacher_log_scale=t_scale[None], reduction="sum")
+                if loss == "uld":
+                    total += distill.divergence_weight * ref.uld(s_row(s0)[None], t_row(t0)[None], **kw)
+                else:
+                    ids = obj.matched_ids
+                    total += distill.divergence_weight * ref.hybrid_uld(
+                        s_row(s0)[None], t_row(t0)[None], ids[0], ids[1], beta=distill.beta, **kw)
+            for i, tok in enumerate(smp.completion_ids):
+                total += distill.ce_weight * -torch.log_softmax(s_row(i), -1)[tok]
+        assert merged_groups > 0 or student_name == "unigram"  # the builtin pair spells digits alike
+        assert stats["align/covered_bytes"] == stats["align/total_bytes"]
+        assert torch.allclose(got.double(), total, rtol=1e-5, atol=1e-6), (got.item(), total.item())
+        total.backward()
+        for g, p in zip(got_grads, s_model.parameters()):  # fp32 model, fp32 vs fp64 loss math
+            assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max()), (g - p.grad).abs().max()
+        assert got_grads[-1].abs().sum() > 0
+        assert all(p.grad is None for p in t_model.parameters())
+
+
+def _cross_trainer_run(tmp):
+    import torch.distributed as dist
+    from conftest import ds_section, tiny_raw
+    from gold_ds.config import load_config
+    from gold_ds.trainer import Trainer
+    raw = tiny_raw(tmp, max_steps=3)
+    raw["student"]["model"]["config"].update(vocab_size=299)
+    raw["student"]["model"]["tokenizer"] = "builtin:arithmetic-unigram"
+    raw["teacher"]["sft"] = {"max_steps": 2, "deepspeed": ds_section(2, 1)}
+    raw["distill"] = {"loss": "hybrid_uld", "lmbda": 0.0, "ce_weight": 0.1}
+    raw["data"]["eval"] = {"builtin": "arithmetic", "split": "eval", "num_examples": 5}
+    raw["eval"] = {"max_new_tokens": 4, "num_samples": 2}
+    tr = Trainer(load_config(raw=raw))
+    # off-policy: digits and the end-of-turn pair align completely
+    m = tr.train_step()
+    assert m["align/coverage"] == 1.0 and m["align/unaligned_samples"] == 0
+    assert math.isfinite(m["loss"]) and m["loss"] > 0
+    # on-policy with seq_kd and 2 samples per prompt: the student's samples are rendered for the teacher
+    tr.cfg.distill.lmbda, tr.cfg.distill.seq_kd, tr.cfg.distill.num_generations = 0.5, True, 2
+    results = tr.train()
+    assert 0.0 <= results["after"]["accuracy"] <= 1.0 and 0.0 <= results["after"]["teacher_accuracy"] <= 1.0
+    assert math.isfinite(results["after"]["loss"])
+    if dist.get_rank() == 0:
+        rows = [json.loads(line) for line in open(f"{tmp}/metrics.jsonl")]
+        steps = [r for r in rows if "align/coverage" in r]
+        assert steps and all(0.0 < r["align/coverage"] <= 1.0 for r in steps)
+        # the supervised teacher was exported with its own tokenizer
+        from transformers import AutoTokenizer
+        assert AutoTokenizer.from_pretrained(f"{tmp}/teacher-sft").get_vocab() == tr.teacher_tokenizer.get_vocab()
+
+
+def test_cross_tokenizer_trainer_two_ranks(tmp_path):
+    from conftest import run_ranks
+    run_ranks(_cross_trainer_run, 2, str(tmp_path / "run"), err_dir=str(tmp_path / "err"))
