@@ -73,6 +73,44 @@ def test_teacher_inputs_are_the_teachers_own_template(student_name):
     assert cb.unaligned == 0
 
 
+def _mistral_v1(tmp_path):
+    """Mistral's real SentencePiece model (Metaspace, byte fallback) from the mistral-common package,
+    with a Llama-2 style template whose answer follows a space."""
+    mistral_common = pytest.importorskip("mistral_common")  # in the test extra
+    import os
+    import shutil
+    from transformers import LlamaTokenizer
+    shutil.copy(os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1"),
+                tmp_path / "tokenizer.model")
+    tok = LlamaTokenizer.from_pretrained(str(tmp_path), add_bos_token=True)
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
+                         " [/INST]{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    tok.pad_token = tok.eos_token  # as gold_ds.data.load_tokenizer does
+    return tok
+
+
+def test_real_teacher_template_and_full_coverage(tmp_path):
+    """A real pretrained teacher tokenizer (Mistral v1) and a byte-level BPE student: the teacher's
+    inputs are its own apply_chat_template output, and every completion byte is aligned."""
+    teacher = _mistral_v1(tmp_path)
+    student = train_arithmetic_tokenizer()
+    texts = ["Paris.", "Café au lait, s'il vous plaît.", "東京は日本の首都です。", "Done 🎉🚀!",
+             "  two  spaces\n\nand lines", "3.14159 x 2 = 6.28318"]
+    samples = []
+    for i, text in enumerate(texts):
+        ex = Example([{"role": "user", "content": f"Question {i}?"}], text)
+        samples.append(EncodedExample(*encode_example(student, ex), ex))
+    cb = CrossTokenizerAssembler(student, teacher).assemble(samples)
+    for b, smp in enumerate(samples):
+        conv = smp.example.prompt + [{"role": "assistant", "content": smp.example.completion}]
+        want = teacher.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]
+        n = int(cb.teacher["attention_mask"][b].sum())
+        assert cb.teacher["input_ids"][b, :n].tolist() == list(want)
+    assert cb.unaligned == 0
+    assert cb.covered_bytes == cb.total_bytes == sum(len(t.encode()) for t in texts)
+    assert len(cb.student_start) > len(texts)  # byte groups plus one end-of-turn group per sample
+
+
 def _boundaries(tokenizer, ids):
     """Byte offset after each completion token, from decoding prefixes (independent of gold_ds.align)."""
     return [len(tokenizer.decode(ids[:i + 1], skip_special_tokens=True).encode()) for i in range(len(ids))]
