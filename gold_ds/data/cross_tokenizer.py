@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..align import byte_spans, group_spans
+from ..align import UnsupportedTokenizerError, byte_spans, group_spans, tokenizer_family
 from .batch import training_batch
 from .dataset import EncodedExample, Example, encode_example, encode_prompt
 
@@ -68,6 +68,8 @@ class CrossTokenizerAssembler:
     """Builds a micro-step's teacher inputs and alignment groups (see the module docstring)."""
 
     def __init__(self, student_tokenizer, teacher_tokenizer):
+        for tok in (student_tokenizer, teacher_tokenizer):
+            tokenizer_family(tok)  # an unsupported tokenizer fails here, at start-up, naming itself
         self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
         self.student_eos = student_tokenizer.eos_token_id
         self.teacher_eos = teacher_tokenizer.eos_token_id
@@ -108,6 +110,8 @@ class CrossTokenizerAssembler:
             try:
                 s_sp = byte_spans(self.student_tokenizer, text=text, ids=smp.completion_ids)
                 t_sp = byte_spans(self.teacher_tokenizer, text=text, ids=t_completion)
+            except UnsupportedTokenizerError:
+                raise
             except ValueError:  # the text is not in a rendering: this sample gets no groups
                 unaligned += 1
                 s_sp = torch.zeros((len(smp.completion_ids), 2), dtype=torch.long)
