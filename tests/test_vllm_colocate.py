@@ -10,6 +10,9 @@ with different numbers of prompts, none included, neither hang nor get each othe
 test_trainer_trains_sampled_ids: through the real Trainer (rollout.backend vllm_colocate, lmbda 1,
 2 ranks): the sequences trained are exactly (prompt, ids vLLM sampled), the sync happens every
 ``sync_every`` steps and before the first rollout, and the sync time is a metric.
+
+test_tensor_parallel_group: one engine shared by 2 ranks (tensor_parallel_size 2): uneven prompts,
+each rank gets its own samples (greedy, checked against the student's argmax), logprobs match.
 """
 import os
 
@@ -197,3 +200,46 @@ def _trainer_trains_sampled_ids(tmp):
 
 def test_trainer_trains_sampled_ids(tmp_path):
     run_ranks(_trainer_trains_sampled_ids, 2, str(tmp_path), err_dir=str(tmp_path / "errors"))
+
+
+def _tensor_parallel_group(tmp):
+    """tensor_parallel_size 2: both ranks share one engine (each holds half of each sharded weight);
+    each rank submits its own prompts (1 and 3), gets exactly its own samples back, and after a sync
+    the shared engine scores like the trainer."""
+    import deepspeed
+    import torch.distributed as dist
+    from conftest import ds_section
+    from gold_ds.config import ModelConfig
+    from gold_ds.data.tasks import train_arithmetic_tokenizer
+    from gold_ds.engine.models import build_training_engine
+    from gold_ds.engine.weights import gathered_weight_buckets
+    from gold_ds.rollout.vllm_colocate import VLLMColocateGenerator
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    tok = train_arithmetic_tokenizer()
+    engine = build_training_engine(ModelConfig(**student_cfg()), ds_section(2, 1), 2)
+    gen = VLLMColocateGenerator(engine.module.config, tok, workdir=os.path.join(tmp, "vllm"), dtype="float32",
+                                max_new_tokens=4, max_model_len=64, sleep_level=0, enforce_eager=True,
+                                kv_cache_memory_bytes=32 << 20, tensor_parallel_size=2)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"{10 + i}+{20 + 3 * i}="}],
+                                       add_generation_prompt=True, tokenize=True, return_dict=False)
+               for i in range(4 * rank, 4 * rank + 1 + 2 * rank)]
+    greedy = gen.generate(prompts, 1, greedy=True, weights=gathered_weight_buckets(engine.module, 1 << 20))
+    assert gen.events == [f"load({gen.loaded_tensors})", "generate(4x1)", "reset_prefix_cache"], gen.events
+    model = _plain_copy(engine)
+    with torch.no_grad():
+        for p, c in zip(prompts, greedy):
+            s = list(p)
+            for t in c:
+                assert model(input_ids=torch.tensor([s])).logits[0, -1].argmax().item() == t
+                s.append(t)
+    everyone = [None, None]
+    dist.all_gather_object(everyone, [p + c for p, c in zip(prompts, greedy)])
+    seqs = everyone[0] + everyone[1]  # the same sequences on both ranks of the group; scored from token 3 on
+    diff = _max_diff(gen.score(seqs, [3] * len(seqs)), _trainer_logprobs(engine, seqs, [3] * len(seqs)))
+    assert diff <= 1e-4, f"tensor-parallel engine and trainer differ by {diff:.2e}"
+
+
+def test_tensor_parallel_group(tmp_path):
+    run_ranks(_tensor_parallel_group, 2, str(tmp_path), err_dir=str(tmp_path / "errors"))
