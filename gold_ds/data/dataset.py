@@ -36,6 +36,8 @@ class Example:
     """Chat messages before the completion, or plain prompt text."""
     completion: str
     answer: Optional[str] = None
+    images: Optional[list] = None
+    """Raw images of a vision-language row (PIL, paths, bytes), untouched; see ``gold_ds.data.vlm``."""
 
 
 @dataclass
@@ -151,6 +153,10 @@ def encode_dataset(tokenizer, rows: list, max_prompt_length: int, max_completion
     """Tokenize every row once; bad rows are counted (or raise ``BadRowError``), never silently dropped."""
     out = EncodedDataset(rows=[])
     for i, row in enumerate(rows):
+        if row.get("images"):
+            raise ValueError(f"dataset row {i} has images but the student is a text-only model: set "
+                             "student.model.processor (and teacher.model.processor) to vision-language "
+                             "processors, or drop the 'images' column")
         ex = to_example(row)
         reason = ex if isinstance(ex, str) else None
         if reason is None:

@@ -43,18 +43,20 @@ def _zero3_construction(ds_config: dict):
 
 
 def build_model(model_cfg, ds_config: dict):
-    """A causal LM built partitioned under ZeRO-3, from a hub id / local dir or from a config."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A causal LM (an image-text-to-text model when ``model_cfg.processor`` is set) built partitioned
+    under ZeRO-3, from a hub id / local dir or from a config."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
     dtype = _DTYPES[model_cfg.dtype]
+    auto = AutoModelForImageTextToText if getattr(model_cfg, "processor", None) else AutoModelForCausalLM
     with _zero3_construction(ds_config):
         if model_cfg.name_or_path is not None:
-            model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=dtype,
+            model = auto.from_pretrained(model_cfg.name_or_path, dtype=dtype,
                                                          trust_remote_code=model_cfg.trust_remote_code)
         else:
             kwargs = dict(model_cfg.config)
             config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
             torch.manual_seed(model_cfg.init_seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = auto.from_config(config, dtype=dtype)
     return model
 
 

@@ -5,6 +5,14 @@ number of forward passes: ``synced_gpus=True`` keeps ranks that have finished st
 last rank is done (without it, ranks whose samples end at different lengths crash or hang).
 transformers only turns it on by itself while an ``HfDeepSpeedConfig`` is alive, so it is passed
 explicitly here.
+
+Vision-language prompts: a prompt may be an id list that also has ``model_inputs()`` (a
+``gold_ds.data.vlm.MultimodalPrompt``: its ids with the image tokens expanded, and its raw images).
+``model_inputs()`` returns ``(per_token, stacked)``: per-token lists left-padded like the ids (e.g.
+``mm_token_type_ids``) and tensors concatenated over the batch on dim 0 (``pixel_values``,
+``image_grid_thw``). Such prompts are generated ``multimodal_chunk`` at a time (None: all at once),
+so that only one chunk's pixel tensors exist at any time; every rank has the same number of prompts,
+hence of chunks.
 """
 import torch
 import torch.distributed as dist
@@ -29,6 +37,11 @@ class TransformersGenerator:
         self.eos_id = tokenizer.eos_token_id
         self.max_new_tokens = max_new_tokens
         self.sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
+        self.multimodal_chunk = None
+        """Vision-language prompts per ``generate`` call of the model (None: all); see the module docstring."""
+        self.suppress_tokens = None
+        """Token ids never sampled (vision-language models: image placeholder tokens, which only a
+        processor may place)."""
 
     @torch.no_grad()
     def generate(self, prompts: list, num_generations: int = 1, greedy: bool = False,
@@ -39,20 +52,47 @@ class TransformersGenerator:
         if not prompts:
             raise ValueError("generate needs at least one prompt on every rank (ZeRO-3 forward passes are collective)")
         prompts = [p for p in prompts for _ in range(num_generations)]
-        batch = {k: v.to(self.device) for k, v in left_padded(prompts, self.pad_id).items()}
         kwargs = dict(max_new_tokens=max_new_tokens or self.max_new_tokens, pad_token_id=self.pad_id,
                       eos_token_id=self.eos_id, synced_gpus=dist.is_initialized() and dist.get_world_size() > 1)
+        if self.suppress_tokens:
+            kwargs.update(suppress_tokens=list(self.suppress_tokens))
         if greedy:
             kwargs.update(do_sample=False)
         else:
             kwargs.update(do_sample=True, **self.sampling)
+        multimodal = any(hasattr(p, "model_inputs") for p in prompts)
+        chunk = (self.multimodal_chunk if multimodal else None) or len(prompts)
         was_training = self.module.training
         self.module.eval()
-        out = self.module.generate(**batch, **kwargs)
-        self.module.train(was_training)
         completions = []
-        for row in out[:, batch["input_ids"].shape[1]:].tolist():
-            if self.eos_id in row:  # everything after the first EOS is padding
-                row = row[:row.index(self.eos_id) + 1]
-            completions.append(row)
+        for i in range(0, len(prompts), chunk):
+            part = prompts[i:i + chunk]
+            batch = {k: v.to(self.device) for k, v in left_padded(part, self.pad_id).items()}
+            if multimodal:
+                batch.update({k: v.to(self.device) for k, v in _multimodal_inputs(part, batch["input_ids"].shape[1]).items()})
+            width = batch["input_ids"].shape[1]
+            out = self.module.generate(**batch, **kwargs)
+            del batch  # this chunk's pixel tensors
+            for row in out[:, width:].tolist():
+                if self.eos_id in row:  # everything after the first EOS is padding
+                    row = row[:row.index(self.eos_id) + 1]
+                completions.append(row)
+        self.module.train(was_training)
         return completions
+
+
+def _multimodal_inputs(prompts: list, width: int) -> dict:
+    """The extra model inputs of left-padded multimodal prompts (see the module docstring); a prompt's
+    inputs are computed once even when it repeats (num_generations)."""
+    cache, per_token, stacked = {}, {}, {}
+    for p in prompts:
+        if id(p) not in cache:
+            cache[id(p)] = p.model_inputs() if hasattr(p, "model_inputs") else ({}, {})
+        tokens, tensors = cache[id(p)]
+        for k, v in tokens.items():
+            per_token.setdefault(k, []).append([0] * (width - len(v)) + list(v))
+        for k, v in tensors.items():
+            stacked.setdefault(k, []).append(v)
+    out = {k: torch.tensor(v, dtype=torch.long) for k, v in per_token.items()}
+    out.update({k: torch.cat(v) for k, v in stacked.items()})
+    return out

@@ -24,9 +24,9 @@ from ..losses import generalized_jsd, hybrid_uld, uld
 
 
 def _forward(engine, batch):
-    """Logits [B, T, V'] of ``batch`` (tensors moved to the engine's device)."""
-    return engine(input_ids=batch["input_ids"].to(engine.device),
-                  attention_mask=batch["attention_mask"].to(engine.device)).logits
+    """Logits [B, T, V'] of ``batch`` (tensors moved to the engine's device): ids and attention mask,
+    plus a vision-language batch's pixel inputs (``pixel_values``, ``image_grid_thw``, ...)."""
+    return engine(**{k: v.to(engine.device) for k, v in batch.items() if k != "loss_mask"}).logits
 
 
 def _check_vocab(logits, vocab, who):
@@ -37,14 +37,18 @@ def _check_vocab(logits, vocab, who):
 class SharedVocabularyObjective:
     """Generalized JSD token by token (student and teacher share one tokenizer)."""
 
-    def __init__(self, distill, student, teacher, tokenizer, now):
+    def __init__(self, distill, student, teacher, tokenizer, now, batch_of=None):
+        """``batch_of(samples)``: the micro-step's tensors (default ``training_batch`` of the ids; a
+        vision-language pair passes ``VLMSide.batch``, which adds the pixel inputs both models share)."""
         self.student, self.teacher, self.now = student, teacher, now
         self.pad_id, self.vocab = tokenizer.pad_token_id, len(tokenizer)
+        self.batch_of = batch_of or (lambda samples: training_batch(
+            [(s.prompt_ids, s.completion_ids) for s in samples], self.pad_id))
         self.w_div, self.w_ce = distill.divergence_weight, distill.ce_weight
         self.beta, self.temperature = distill.beta, distill.temperature
 
     def __call__(self, samples, timer, keep=None) -> tuple:
-        batch = training_batch([(s.prompt_ids, s.completion_ids) for s in samples], self.pad_id)
+        batch = self.batch_of(samples)
         mask = batch["loss_mask"]
         if keep is not None:
             mask &= torch.tensor(keep)[:, None]
@@ -72,9 +76,11 @@ class SharedVocabularyObjective:
 class CrossTokenizerObjective:
     """ULD or hybrid ULD over aligned, merged groups (the two tokenizers may differ)."""
 
-    def __init__(self, distill, student, teacher, student_tokenizer, teacher_tokenizer, now, log):
+    def __init__(self, distill, student, teacher, student_tokenizer, teacher_tokenizer, now, log, assembler=None):
+        """``assembler``: default a text ``CrossTokenizerAssembler``; vision-language pairs pass a
+        ``VLMCrossTokenizerAssembler`` (each side's batch carries its own pixel inputs)."""
         self.student, self.teacher, self.now = student, teacher, now
-        self.assembler = CrossTokenizerAssembler(student_tokenizer, teacher_tokenizer)
+        self.assembler = assembler or CrossTokenizerAssembler(student_tokenizer, teacher_tokenizer)
         self.vs, self.vt = len(student_tokenizer), len(teacher_tokenizer)
         self.w_div, self.w_ce = distill.divergence_weight, distill.ce_weight
         self.ts = distill.temperature
