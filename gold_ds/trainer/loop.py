@@ -30,6 +30,7 @@ from ..config import ModelConfig, validate_world
 from ..data.batch import RankSampler, training_batch
 from ..data.cross_tokenizer import CrossTokenizerAssembler
 from ..data.dataset import EncodedExample, encode_dataset, read_rows
+from ..data.vlm import VLMPair
 from ..engine.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from ..data.tokenizer import load_tokenizer
 from ..engine.models import build_inference_engine, build_training_engine
@@ -81,14 +82,18 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.student.model)
         self.teacher_tokenizer = load_tokenizer(cfg.teacher.model)
         self.cross = cfg.distill.loss != "jsd"  # uld / hybrid_uld: any two tokenizers
+        # vision-language pair: processors checked here; images are processed per micro-step only
+        self.vlm = VLMPair(cfg) if cfg.student.model.processor else None
         if self.cross:
-            self.assembler = CrossTokenizerAssembler(self.tokenizer, self.teacher_tokenizer)
+            self.assembler = (self.vlm.cross_assembler() if self.vlm else
+                              CrossTokenizerAssembler(self.tokenizer, self.teacher_tokenizer))
             self._teacher_rows = {}  # id(row) -> the teacher's rendering, for its supervised stage
         else:
             check_shared_vocabulary(self.tokenizer, self.teacher_tokenizer)
             self.teacher_tokenizer = self.tokenizer
         d = cfg.data
-        encode = functools.partial(encode_dataset, self.tokenizer, max_prompt_length=d.max_prompt_length,
+        encode = functools.partial(self.vlm.encode_dataset if self.vlm else functools.partial(encode_dataset, self.tokenizer),
+                                   max_prompt_length=d.max_prompt_length,
                                    max_completion_length=d.max_completion_length, on_bad_row=d.on_bad_row)
         self.train_data = encode(read_rows(d.train))
         self.eval_data = encode(read_rows(d.eval)) if d.eval is not None else None
@@ -108,16 +113,27 @@ class Trainer:
         self.student = build_training_engine(cfg.student.model, ds, self.world)
         if self.cross:
             self.objective = CrossTokenizerObjective(cfg.distill, self.student, self.teacher, self.tokenizer,
-                                                     self.teacher_tokenizer, self._now, self.log.info)
+                                                     self.teacher_tokenizer, self._now, self.log.info,
+                                                     assembler=self.assembler)
         else:
             self.objective = SharedVocabularyObjective(cfg.distill, self.student, self.teacher, self.tokenizer,
-                                                       self._now)
+                                                       self._now, batch_of=self.vlm.student.batch if self.vlm else None)
         r = cfg.rollout
         gen = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
         self.student_gen = TransformersGenerator(self.student.module, self.tokenizer,
                                                  device=self.student.device, **gen)
         self.teacher_gen = TransformersGenerator(self.teacher.module, self.teacher_tokenizer,
                                                  device=self.teacher.device, **gen)
+        if self.vlm:  # vision-language rollouts process one micro-step's worth of prompts' images at a time
+            self.student_gen.multimodal_chunk = self.teacher_gen.multimodal_chunk = self.micro
+            self.student_gen.suppress_tokens = self.vlm.student.placeholder_ids
+            self.teacher_gen.suppress_tokens = self.vlm.teacher.placeholder_ids
+        # on-policy rollouts: student_gen (transformers on the ZeRO-3 engine; evaluation always uses it),
+        # or a vLLM engine/server that gets the student's weights pushed every rollout.sync_every steps
+        self.rollout_gen, self._synced_at = self.student_gen, None
+        if r.backend != "transformers":  # (the config refuses vLLM for vision-language students)
+            from ..rollout.factory import vllm_generator
+            self.rollout_gen = vllm_generator(cfg, self.student.module.config, self.tokenizer)
         self.evaluator = (Evaluator(self.eval_data, cfg.eval, self.tokenizer, self.teacher_tokenizer,
                                     self.student, self.student_gen, self.teacher_gen, self.objective,
                                     self._teacher_prompt_ids, forward_batch=self.micro,
@@ -204,7 +220,8 @@ class Trainer:
         cfg, sft = self.cfg, self.cfg.teacher.sft
         out_dir = os.path.join(cfg.output_dir, "teacher-sft")
         loaded = ModelConfig(name_or_path=out_dir, dtype=cfg.teacher.model.dtype,
-                             trust_remote_code=cfg.teacher.model.trust_remote_code)
+                             trust_remote_code=cfg.teacher.model.trust_remote_code,
+                             processor=cfg.teacher.model.processor)
         if self.resume_tag is not None:  # the stage finished before the first checkpoint
             if not os.path.isfile(os.path.join(out_dir, "config.json")):
                 raise FileNotFoundError(f"--resume: the supervised teacher {out_dir} is missing")
@@ -218,9 +235,10 @@ class Trainer:
 
         def ce(samples, timer):
             t0 = time.perf_counter()
-            batch = {k: v.to(engine.device) for k, v in training_batch(
-                [(s.prompt_ids, s.completion_ids) for s in samples], self.teacher_tokenizer.pad_token_id).items()}
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            batch = (self.vlm.teacher.batch(samples) if self.vlm else training_batch(
+                [(s.prompt_ids, s.completion_ids) for s in samples], self.teacher_tokenizer.pad_token_id))
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            logits = engine(**{k: v for k, v in batch.items() if k != "loss_mask"}).logits[:, :-1]
             mask = batch["loss_mask"]
             loss = F.cross_entropy(logits[mask][:, :vocab].float(), batch["input_ids"][:, 1:][mask], reduction="sum")
             timer["student"] += time.perf_counter() - t0
@@ -229,7 +247,7 @@ class Trainer:
         t_start = time.perf_counter()
         for step in range(sft.max_steps):
             timer = {"student": 0.0, "optimizer": 0.0}
-            windows = [[EncodedExample(*self._teacher_sequence(self.train_data.rows[i]), None)
+            windows = [[EncodedExample(*self._teacher_sequence(self.train_data.rows[i]), self.train_data.rows[i].example)
                         for i in sampler.take(micro)] for _ in range(ga)]
             _, total, sums, _ = self._backward_window(engine, windows, ce, timer)
             loss = self._global_sum([sum(sums)])[0] / total
@@ -237,7 +255,7 @@ class Trainer:
                 self.log.log(step + 1, {"loss": loss}, stage="teacher_sft")
             if (step + 1) % max(1, sft.max_steps // 10) == 0:
                 self.log.info(f"[gold_ds] teacher SFT step {step + 1}/{sft.max_steps} loss {loss:.4f}")
-        export_hf(engine, self.teacher_tokenizer, out_dir)
+        export_hf(engine, self.vlm.teacher.processor if self.vlm else self.teacher_tokenizer, out_dir)
         self.log.info(f"[gold_ds] teacher SFT: {sft.max_steps} steps in {time.perf_counter() - t_start:.0f}s, "
                       f"exported to {out_dir}")
         engine.destroy()
@@ -259,7 +277,15 @@ class Trainer:
         seqs = [None if on else list(rs) for rs, on in zip(rows, flags)]  # per micro-step: its samples
         on_prompts = [r.prompt_ids for rs, on in zip(rows, flags) if on for r in rs]
         if on_prompts:
-            samples = iter(self.student_gen.generate(on_prompts, G))
+            if self.rollout_gen is self.student_gen:
+                samples = iter(self.student_gen.generate(on_prompts, G))
+            else:  # vLLM: the student's current weights go with the call when a sync is due (collective)
+                from ..engine.weights import gathered_weight_buckets
+                due = self._synced_at is None or self.step - self._synced_at >= cfg.rollout.sync_every
+                weights = gathered_weight_buckets(self.student.module, cfg.rollout.sync_bucket_mb << 20) if due else None
+                samples = iter(self.rollout_gen.generate(on_prompts, G, weights=weights))
+                if due:
+                    self._synced_at, timer["weight_sync"] = self.step, self.rollout_gen.last_sync_seconds
             for m, on in enumerate(flags):
                 if on:
                     seqs[m] = [EncodedExample(r.prompt_ids, next(samples), r.example) for r in rows[m] for _ in range(G)]
@@ -297,6 +323,7 @@ class Trainer:
             "lr": self.student.get_lr()[0],
             "time/rollout": times[0], "time/teacher": times[1], "time/student": times[2],
             "time/optimizer": times[3], "time/step": dt, **align,
+            **({"time/weight_sync": timer["weight_sync"]} if "weight_sync" in timer else {}),
         }
 
     # --------------------------------------------------------------------------------------- the run
@@ -332,7 +359,8 @@ class Trainer:
                 save_checkpoint(self.student, self.ckpt_root, self.step, self._state(), cfg.checkpoint.keep_last)
         self.results["after"] = self._evaluate("after training")
         if cfg.export.enabled:
-            export_hf(self.student, self.tokenizer, os.path.join(cfg.output_dir, "export"))
+            export_hf(self.student, self.vlm.student.processor if self.vlm else self.tokenizer,
+                      os.path.join(cfg.output_dir, "export"))
         self.wall = time.perf_counter() - t_run
         self._final_table()
         self.log.close()
