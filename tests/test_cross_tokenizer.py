@@ -247,29 +247,7 @@ def test_cross_tokenizer_trainer_two_ranks(tmp_path):
 def test_unsupported_tokenizer_fails_at_start():
     """A slow (Python-only) tokenizer cannot be mapped to bytes: the assembler refuses it by name at
     construction, instead of treating every sample as unaligned."""
-    from transformers import PreTrainedTokenizer
     from gold_ds.align import UnsupportedTokenizerError
-
-    class SlowChars(PreTrainedTokenizer):
-        def __init__(self, **kw):
-            self._vocab = {chr(i): i for i in range(32, 127)}
-            super().__init__(**kw)
-
-        @property
-        def vocab_size(self):
-            return len(self._vocab)
-
-        def get_vocab(self):
-            return dict(self._vocab)
-
-        def _tokenize(self, text):
-            return list(text)
-
-        def _convert_token_to_id(self, token):
-            return self._vocab.get(token, 32)
-
-        def _convert_id_to_token(self, index):
-            return chr(index)
-
-    with pytest.raises(UnsupportedTokenizerError, match="SlowChars"):
-        CrossTokenizerAssembler(train_arithmetic_tokenizer(), SlowChars())
+    from test_align import CharTokenizer
+    with pytest.raises(UnsupportedTokenizerError, match="CharTokenizer"):
+        CrossTokenizerAssembler(train_arithmetic_tokenizer(), CharTokenizer())

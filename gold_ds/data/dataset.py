@@ -56,6 +56,26 @@ class EncodedDataset:
     def __len__(self):
         return len(self.rows)
 
+    def add(self, index: int, example, prompt_ids, completion_ids, reason=None, detail: str = "", *,
+            on_bad_row: str, max_completion_length: int) -> None:
+        """Keep row ``index`` (its completion cut to ``max_completion_length`` tokens, counted), or,
+        with a bad-row ``reason``, count it or raise ``BadRowError`` per ``on_bad_row``."""
+        if reason is not None:
+            if on_bad_row == "error":
+                raise BadRowError(f"dataset row {index} is bad: {reason}{detail}; fix the data, or set "
+                                  "data.on_bad_row=report to count and skip such rows")
+            self.bad_rows[reason] += 1
+            return
+        if len(completion_ids) > max_completion_length:
+            completion_ids = completion_ids[:max_completion_length]
+            self.truncated_completions += 1
+        self.rows.append(EncodedExample(prompt_ids, completion_ids, example))
+
+    def checked(self) -> "EncodedDataset":
+        if not self.rows:
+            raise BadRowError(f"no usable rows: {self.report()}")
+        return self
+
     def report(self) -> str:
         bad = ", ".join(f"{k}={v}" for k, v in sorted(self.bad_rows.items())) or "none"
         return (f"{len(self.rows)} rows kept; bad rows skipped: {bad}; "
@@ -158,23 +178,12 @@ def encode_dataset(tokenizer, rows: list, max_prompt_length: int, max_completion
                              "student.model.processor (and teacher.model.processor) to vision-language "
                              "processors, or drop the 'images' column")
         ex = to_example(row)
-        reason = ex if isinstance(ex, str) else None
+        reason, detail, prompt_ids, completion_ids = (ex if isinstance(ex, str) else None), "", None, None
         if reason is None:
             prompt_ids, completion_ids = encode_example(tokenizer, ex)
             if len(prompt_ids) > max_prompt_length:
                 reason = "prompt_too_long"
-        if reason is not None:
-            if on_bad_row == "error":
-                detail = (f" ({len(prompt_ids)} tokens > data.max_prompt_length={max_prompt_length})"
-                          if reason == "prompt_too_long" else "")
-                raise BadRowError(f"dataset row {i} is bad: {reason}{detail}; fix the data, or set "
-                                  "data.on_bad_row=report to count and skip such rows")
-            out.bad_rows[reason] += 1
-            continue
-        if len(completion_ids) > max_completion_length:
-            completion_ids = completion_ids[:max_completion_length]
-            out.truncated_completions += 1
-        out.rows.append(EncodedExample(prompt_ids, completion_ids, ex))
-    if not out.rows:
-        raise BadRowError(f"no usable rows: {out.report()}")
-    return out
+                detail = f" ({len(prompt_ids)} tokens > data.max_prompt_length={max_prompt_length})"
+        out.add(i, ex, prompt_ids, completion_ids, reason, detail, on_bad_row=on_bad_row,
+                max_completion_length=max_completion_length)
+    return out.checked()

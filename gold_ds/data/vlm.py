@@ -30,13 +30,12 @@ tests and ``bench/vlm.py`` measure how many are alive at any time.
 import io
 import os
 import weakref
-from collections import Counter
 
 import torch
 
 from .batch import training_batch
 from .cross_tokenizer import CrossTokenizerAssembler
-from .dataset import BadRowError, EncodedDataset, EncodedExample, Example, to_example
+from .dataset import BadRowError, EncodedDataset, Example, to_example
 
 _PROCESSORS = {}
 
@@ -269,10 +268,10 @@ class VLMSide:
         if any(image_parts(r.get("messages") or r.get("prompt")) for r in rows) and not any("images" in r for r in rows):
             raise VLMConfigError("the data's user turns hold image parts but the rows have no 'images' column: "
                                  "add one (a list of PIL images, file paths or bytes per row, one per image part)")
-        out = EncodedDataset(rows=[], bad_rows=Counter())
+        out = EncodedDataset(rows=[])
         for i, row in enumerate(rows):
             ex = to_example(row)
-            reason, detail = (ex, "") if isinstance(ex, str) else (None, "")
+            reason, detail, prompt_ids, completion_ids = (ex if isinstance(ex, str) else None), "", None, None
             if reason is None:
                 ex.images = list(row.get("images") or [])
                 try:
@@ -284,19 +283,9 @@ class VLMSide:
                         reason = "prompt_too_long"
                         detail = (f" ({len(prompt_ids)} tokens, image tokens included, > data.max_prompt_length="
                                   f"{max_prompt_length})")
-            if reason is not None:
-                if on_bad_row == "error":
-                    raise BadRowError(f"dataset row {i} is bad: {reason}{detail}; fix the data, or set "
-                                      "data.on_bad_row=report to count and skip such rows")
-                out.bad_rows[reason] += 1
-                continue
-            if len(completion_ids) > max_completion_length:
-                completion_ids = completion_ids[:max_completion_length]
-                out.truncated_completions += 1
-            out.rows.append(EncodedExample(prompt_ids, completion_ids, ex))
-        if not out.rows:
-            raise BadRowError(f"no usable rows: {out.report()}")
-        return out
+            out.add(i, ex, prompt_ids, completion_ids, reason, detail, on_bad_row=on_bad_row,
+                    max_completion_length=max_completion_length)
+        return out.checked()
 
 
 # ------------------------------------------------------------------------------------- cross family
