@@ -6,7 +6,6 @@ then ``dL/dz = (r - softmax(z / T) * sum(r)) / T`` and ``dL/d log(c) = sum(r)`` 
 vocabulary), which needs no division by probabilities that may underflow.
 """
 
-
 import torch
 import torch.distributed as dist
 
