@@ -20,36 +20,9 @@ import pytest
 import torch
 
 from conftest import run_ranks, tiny_raw
-from vllm_helpers import require_vllm, student_cfg
+from vllm_helpers import assert_greedy, max_diff, model_logprobs, plain_copy, require_vllm, student_cfg
 
 require_vllm()
-
-
-def _plain_copy(engine):
-    """The ZeRO-3 student's current weights in a plain (unpartitioned) fp64 copy of the model, so
-    that ranks can run different numbers of forwards. Collective (every rank calls it)."""
-    import deepspeed
-    from transformers import AutoModelForCausalLM
-    with torch.no_grad(), deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-        state = {n: p.data.clone() for n, p in engine.module.named_parameters()}
-    model = AutoModelForCausalLM.from_config(engine.module.config)
-    model.load_state_dict(state, strict=False)
-    return model.double().eval()
-
-
-def _trainer_logprobs(engine, sequences, prompt_lengths):
-    """log p(token | prefix) of every token after the prompt under the trainer's current weights."""
-    model = _plain_copy(engine)
-    out = []
-    with torch.no_grad():
-        for s, n in zip(sequences, prompt_lengths):
-            lp = torch.log_softmax(model(input_ids=torch.tensor([s])).logits[0], -1)
-            out.append([lp[i - 1, s[i]].item() for i in range(n, len(s))])
-    return out
-
-
-def _max_diff(a, b):
-    return max(abs(x - y) for u, v in zip(a, b) for x, y in zip(u, v))
 
 
 def _sync_matches_trainer(tmp, world):
@@ -93,9 +66,9 @@ def _sync_matches_trainer(tmp, world):
 
     seqs = [p + c for i, p in enumerate(prompts) for c in samples[2 * i:2 * i + 2]]
     plen = [len(p) for p in prompts for _ in range(2)]
-    before = _trainer_logprobs(engine, seqs, plen)
+    before = model_logprobs(plain_copy(engine), seqs, plen)
     gen.events.clear()
-    diff0 = _max_diff(gen.score(seqs, plen), before)
+    diff0 = max_diff(gen.score(seqs, plen), before)
     assert diff0 <= 1e-4, f"after the first sync vLLM and trainer differ by {diff0:.2e}"
 
     # one training step on the samples, then sync and compare again
@@ -106,8 +79,8 @@ def _sync_matches_trainer(tmp, world):
     loss = engine(input_ids=ids[:2], labels=labels[:2]).loss
     engine.backward(loss)
     engine.step()
-    after = _trainer_logprobs(engine, seqs, plen)
-    moved = _max_diff(after, before)
+    after = model_logprobs(plain_copy(engine), seqs, plen)
+    moved = max_diff(after, before)
     assert moved > 1e-3, f"the step barely changed the model ({moved:.2e}): the test could not fail"
 
     # no sync: the engine still generates with the old weights, and the sequence has no load
@@ -115,7 +88,7 @@ def _sync_matches_trainer(tmp, world):
     gen.generate(prompts, 1, greedy=True)
     assert gen.events == ["wake_up(weights)", "wake_up(kv_cache)", f"generate({len(prompts)}x1)",
                           "reset_prefix_cache", "sleep(1)"], gen.events
-    stale = _max_diff(gen.score(seqs, plen), before)
+    stale = max_diff(gen.score(seqs, plen), before)
     assert stale <= 1e-4
 
     # sync (a rank with no prompt still takes part) and compare
@@ -125,18 +98,12 @@ def _sync_matches_trainer(tmp, world):
     assert len(out) == 2 * len(mine)
     assert [e.split("(")[0] for e in gen.events] == (
         ["wake_up", "load", "wake_up"] + (["generate"] if mine else []) + ["reset_prefix_cache", "sleep"])
-    diff1 = _max_diff(gen.score(seqs, plen), after)
+    diff1 = max_diff(gen.score(seqs, plen), after)
     assert diff1 <= 1e-4, f"after a step and a sync vLLM and trainer differ by {diff1:.2e}"
 
     # every rank got samples of its own prompts: greedy samples match the trainer's argmax
     greedy = gen.generate(prompts, 1, greedy=True, max_new_tokens=3)
-    model = _plain_copy(engine)
-    with torch.no_grad():
-        for p, c in zip(prompts, greedy):
-            s = list(p)
-            for t in c:
-                assert model(input_ids=torch.tensor([s])).logits[0, -1].argmax().item() == t
-                s.append(t)
+    assert_greedy(plain_copy(engine), prompts, greedy)
     if world > 1:
         counts = [None] * world
         dist.all_gather_object(counts, len(prompts))
@@ -227,17 +194,11 @@ def _tensor_parallel_group(tmp):
                for i in range(4 * rank, 4 * rank + 1 + 2 * rank)]
     greedy = gen.generate(prompts, 1, greedy=True, weights=gathered_weight_buckets(engine.module, 1 << 20))
     assert gen.events == [f"load({gen.loaded_tensors})", "generate(4x1)", "reset_prefix_cache"], gen.events
-    model = _plain_copy(engine)
-    with torch.no_grad():
-        for p, c in zip(prompts, greedy):
-            s = list(p)
-            for t in c:
-                assert model(input_ids=torch.tensor([s])).logits[0, -1].argmax().item() == t
-                s.append(t)
+    assert_greedy(plain_copy(engine), prompts, greedy)
     everyone = [None, None]
     dist.all_gather_object(everyone, [p + c for p, c in zip(prompts, greedy)])
     seqs = everyone[0] + everyone[1]  # the same sequences on both ranks of the group; scored from token 3 on
-    diff = _max_diff(gen.score(seqs, [3] * len(seqs)), _trainer_logprobs(engine, seqs, [3] * len(seqs)))
+    diff = max_diff(gen.score(seqs, [3] * len(seqs)), model_logprobs(plain_copy(engine), seqs, [3] * len(seqs)))
     assert diff <= 1e-4, f"tensor-parallel engine and trainer differ by {diff:.2e}"
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import ds_section, free_port, run_ranks
-from vllm_helpers import require_vllm, student_cfg
+from vllm_helpers import assert_greedy, max_diff, model_logprobs, plain_copy, require_vllm, student_cfg
 
 require_vllm()
 
@@ -66,16 +66,6 @@ def server(tmp_path_factory):
             proc.kill()
 
 
-def _plain_copy(engine):
-    import deepspeed
-    from transformers import AutoModelForCausalLM
-    with torch.no_grad(), deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-        state = {n: p.data.clone() for n, p in engine.module.named_parameters()}
-    model = AutoModelForCausalLM.from_config(engine.module.config)
-    model.load_state_dict(state, strict=False)
-    return model.double().eval()
-
-
 def _server_logprobs(url, seqs, plens):
     out = []
     for s, n in zip(seqs, plens):
@@ -83,19 +73,6 @@ def _server_logprobs(url, seqs, plens):
                                                  "temperature": 0, "prompt_logprobs": 0})["choices"][0]
         out.append([choice["prompt_logprobs"][i][str(s[i])]["logprob"] for i in range(n, len(s))])
     return out
-
-
-def _trainer_logprobs(model, seqs, plens):
-    out = []
-    with torch.no_grad():
-        for s, n in zip(seqs, plens):
-            lp = torch.log_softmax(model(input_ids=torch.tensor([s])).logits[0], -1)
-            out.append([lp[i - 1, s[i]].item() for i in range(n, len(s))])
-    return out
-
-
-def _max_diff(a, b):
-    return max(abs(x - y) for u, v in zip(a, b) for x, y in zip(u, v))
 
 
 def _server_mode(tmp, url):
@@ -124,8 +101,8 @@ def _server_mode(tmp, url):
                               "/v1/completions"], gen.events
     seqs = [p + c for i, p in enumerate(prompts) for c in samples[2 * i:2 * i + 2]]
     plens = [len(p) for p in prompts for _ in range(2)]
-    before = _trainer_logprobs(_plain_copy(engine), seqs, plens)
-    diff0 = _max_diff(_server_logprobs(url, seqs, plens), before)
+    before = model_logprobs(plain_copy(engine), seqs, plens)
+    diff0 = max_diff(_server_logprobs(url, seqs, plens), before)
     assert diff0 <= 1e-4, f"after the first push server and trainer differ by {diff0:.2e}"
 
     L = max(len(s) for s in seqs)
@@ -134,21 +111,16 @@ def _server_mode(tmp, url):
     labels[labels == tok.pad_token_id] = -100
     engine.backward(engine(input_ids=ids, labels=labels).loss)
     engine.step()
-    model = _plain_copy(engine)
-    after = _trainer_logprobs(model, seqs, plens)
-    assert _max_diff(after, before) > 1e-3
+    model = plain_copy(engine)
+    after = model_logprobs(model, seqs, plens)
+    assert max_diff(after, before) > 1e-3
 
     mine = prompts if rank == 1 else []  # rank 0 has none this time
     greedy = gen.generate(mine, 1, greedy=True, max_new_tokens=3, weights=gathered_weight_buckets(engine.module, 100_000))
     assert len(greedy) == len(mine)
-    diff1 = _max_diff(_server_logprobs(url, seqs, plens), after)
+    diff1 = max_diff(_server_logprobs(url, seqs, plens), after)
     assert diff1 <= 1e-4, f"after a step and a push server and trainer differ by {diff1:.2e}"
-    with torch.no_grad():
-        for p, c in zip(mine, greedy):
-            s = list(p)
-            for t in c:
-                assert model(input_ids=torch.tensor([s])).logits[0, -1].argmax().item() == t
-                s.append(t)
+    assert_greedy(model, mine, greedy)
     dist.barrier()
 
 
