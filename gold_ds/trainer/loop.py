@@ -34,6 +34,7 @@ from ..data.vlm import VLMPair
 from ..engine.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from ..data.tokenizer import load_tokenizer
 from ..engine.models import build_inference_engine, build_training_engine
+from ..engine.weights import gathered_weight_buckets
 from ..rollout import TransformersGenerator
 from .evaluate import Evaluator
 from .logging import MetricsLogger
@@ -264,6 +265,20 @@ class Trainer:
         return loaded
 
     # ------------------------------------------------------------------------------------ one step
+    def _sample_student(self, prompts: list, G: int, timer: dict) -> list:
+        """``G`` on-policy samples per prompt, in one call (every rank calls it). A vLLM backend gets
+        the student's current weights with the call when a sync is due: before the first rollout and
+        then every ``rollout.sync_every`` steps (the buckets are gathered collectively)."""
+        if self.rollout_gen is self.student_gen:
+            return self.student_gen.generate(prompts, G)
+        r = self.cfg.rollout
+        due = self._synced_at is None or self.step - self._synced_at >= r.sync_every
+        weights = gathered_weight_buckets(self.student.module, r.sync_bucket_mb << 20) if due else None
+        samples = self.rollout_gen.generate(prompts, G, weights=weights)
+        if due:
+            self._synced_at, timer["weight_sync"] = self.step, self.rollout_gen.last_sync_seconds
+        return samples
+
     def train_step(self) -> dict:
         cfg, G = self.cfg, self.cfg.distill.num_generations
         t_step = self._now()
@@ -277,15 +292,7 @@ class Trainer:
         seqs = [None if on else list(rs) for rs, on in zip(rows, flags)]  # per micro-step: its samples
         on_prompts = [r.prompt_ids for rs, on in zip(rows, flags) if on for r in rs]
         if on_prompts:
-            if self.rollout_gen is self.student_gen:
-                samples = iter(self.student_gen.generate(on_prompts, G))
-            else:  # vLLM: the student's current weights go with the call when a sync is due (collective)
-                from ..engine.weights import gathered_weight_buckets
-                due = self._synced_at is None or self.step - self._synced_at >= cfg.rollout.sync_every
-                weights = gathered_weight_buckets(self.student.module, cfg.rollout.sync_bucket_mb << 20) if due else None
-                samples = iter(self.rollout_gen.generate(on_prompts, G, weights=weights))
-                if due:
-                    self._synced_at, timer["weight_sync"] = self.step, self.rollout_gen.last_sync_seconds
+            samples = iter(self._sample_student(on_prompts, G, timer))
             for m, on in enumerate(flags):
                 if on:
                     seqs[m] = [EncodedExample(r.prompt_ids, next(samples), r.example) for r in rows[m] for _ in range(G)]
