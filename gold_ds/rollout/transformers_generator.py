@@ -31,17 +31,16 @@ def left_padded(prompts: list, pad_id: int) -> dict:
 
 class TransformersGenerator:
     def __init__(self, module, tokenizer, *, device, max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0):
+                 top_p: float = 1.0, top_k: int = 0, multimodal_chunk: int = None, suppress_tokens=None):
+        """``multimodal_chunk``: vision-language prompts per ``generate`` call of the model (None: all;
+        see the module docstring). ``suppress_tokens``: token ids never sampled (vision-language
+        models: image placeholder tokens, which only a processor may place)."""
         self.module, self.device = module, device  # the device the model computes on (params may be offloaded)
         self.pad_id = tokenizer.pad_token_id
         self.eos_id = tokenizer.eos_token_id
         self.max_new_tokens = max_new_tokens
         self.sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
-        self.multimodal_chunk = None
-        """Vision-language prompts per ``generate`` call of the model (None: all); see the module docstring."""
-        self.suppress_tokens = None
-        """Token ids never sampled (vision-language models: image placeholder tokens, which only a
-        processor may place)."""
+        self.multimodal_chunk, self.suppress_tokens = multimodal_chunk, suppress_tokens
 
     @torch.no_grad()
     def generate(self, prompts: list, num_generations: int = 1, greedy: bool = False,

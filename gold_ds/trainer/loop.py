@@ -121,14 +121,14 @@ class Trainer:
                                                        self._now, batch_of=self.vlm.student.batch if self.vlm else None)
         r = cfg.rollout
         gen = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
-        self.student_gen = TransformersGenerator(self.student.module, self.tokenizer,
-                                                 device=self.student.device, **gen)
-        self.teacher_gen = TransformersGenerator(self.teacher.module, self.teacher_tokenizer,
-                                                 device=self.teacher.device, **gen)
-        if self.vlm:  # vision-language rollouts process one micro-step's worth of prompts' images at a time
-            self.student_gen.multimodal_chunk = self.teacher_gen.multimodal_chunk = self.micro
-            self.student_gen.suppress_tokens = self.vlm.student.placeholder_ids
-            self.teacher_gen.suppress_tokens = self.vlm.teacher.placeholder_ids
+        if self.vlm:  # vision-language rollouts: one micro-step's worth of prompts' images at a time
+            gen.update(multimodal_chunk=self.micro)
+        self.student_gen = TransformersGenerator(self.student.module, self.tokenizer, device=self.student.device,
+                                                 suppress_tokens=self.vlm.student.placeholder_ids if self.vlm else None,
+                                                 **gen)
+        self.teacher_gen = TransformersGenerator(self.teacher.module, self.teacher_tokenizer, device=self.teacher.device,
+                                                 suppress_tokens=self.vlm.teacher.placeholder_ids if self.vlm else None,
+                                                 **gen)
         # on-policy rollouts: student_gen (transformers on the ZeRO-3 engine; evaluation always uses it),
         # or a vLLM engine/server that gets the student's weights pushed every rollout.sync_every steps
         self.rollout_gen, self._synced_at = self.student_gen, None
