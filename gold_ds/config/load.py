@@ -168,24 +168,24 @@ def _check_rollout_vllm(r, d) -> None:
         _fail("rollout.stop_token_ids", r.stop_token_ids, "expected a list of token ids (integers >= 0)")
     _positive_int(r.sync_every, "rollout.sync_every")
     _positive_int(r.sync_bucket_mb, "rollout.sync_bucket_mb")
-    v = r.vllm
+    v = r.colocate
     if not 0.0 < v.gpu_memory_utilization <= 1.0:
-        _fail("rollout.vllm.gpu_memory_utilization", v.gpu_memory_utilization, "expected a number in (0, 1]")
+        _fail("rollout.colocate.gpu_memory_utilization", v.gpu_memory_utilization, "expected a number in (0, 1]")
     if v.sleep_level not in (0, 1, 2):
-        _fail("rollout.vllm.sleep_level", v.sleep_level,
+        _fail("rollout.colocate.sleep_level", v.sleep_level,
               "expected 0 (never sleep), 1 (offload weights, free KV cache) or 2 (free weights and KV cache)")
     if v.sleep_level == 2 and r.sync_every != 1:
         _fail("rollout.sync_every", r.sync_every, "sleep_level 2 frees the weights at every sleep, so they must "
-              "be synced before every rollout: set rollout.sync_every to 1, or rollout.vllm.sleep_level to 1")
-    _positive_int(v.tensor_parallel_size, "rollout.vllm.tensor_parallel_size")
+              "be synced before every rollout: set rollout.sync_every to 1, or rollout.colocate.sleep_level to 1")
+    _positive_int(v.tensor_parallel_size, "rollout.colocate.tensor_parallel_size")
     need = d.max_prompt_length + r.max_new_tokens
     if v.max_model_len is not None:
-        _positive_int(v.max_model_len, "rollout.vllm.max_model_len")
+        _positive_int(v.max_model_len, "rollout.colocate.max_model_len")
         if v.max_model_len < need:
-            _fail("rollout.vllm.max_model_len", v.max_model_len,
+            _fail("rollout.colocate.max_model_len", v.max_model_len,
                   f"must hold data.max_prompt_length + rollout.max_new_tokens = {need} tokens (or leave it out)")
     if v.kv_cache_memory_bytes is not None:
-        _positive_int(v.kv_cache_memory_bytes, "rollout.vllm.kv_cache_memory_bytes")
+        _positive_int(v.kv_cache_memory_bytes, "rollout.colocate.kv_cache_memory_bytes")
     s = r.server
     if not s.url.startswith(("http://", "https://")):
         _fail("rollout.server.url", s.url, "expected an http:// or https:// URL, e.g. http://127.0.0.1:8000")
@@ -234,7 +234,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         _fail("distill.temperature", x.temperature, "expected a number > 0")
     if x.teacher_temperature is not None and x.teacher_temperature <= 0:
         _fail("distill.teacher_temperature", x.teacher_temperature, "expected a number > 0 (or null: the temperature)")
-    if x.loss == "jsd" and x.teacher_temperature not in (None, x.temperature):
+    if not x.cross_tokenizer and x.teacher_temperature not in (None, x.temperature):
         _fail("distill.teacher_temperature", x.teacher_temperature,
               "jsd uses one temperature for both models (distill.temperature); leave it null or use uld/hybrid_uld")
     for key in ("matched_weight", "unmatched_weight"):
@@ -248,19 +248,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         _fail("distill.ce_weight", x.ce_weight, "distill.divergence_weight and distill.ce_weight are both 0: nothing to train on")
     _positive_int(x.num_generations, "distill.num_generations")
     micro = cfg.student.deepspeed["train_micro_batch_size_per_gpu"]
-    ga = cfg.student.deepspeed["gradient_accumulation_steps"]
     if micro % x.num_generations:
         _fail("distill.num_generations", x.num_generations,
               f"must divide student.deepspeed.train_micro_batch_size_per_gpu ({micro}) so that each "
-              "on-policy micro-step holds whole groups of samples")
-    if x.generation_batch_size is None:
-        x.generation_batch_size = micro * ga // x.num_generations
-    elif x.generation_batch_size * x.num_generations != micro * ga:
-        _fail("distill.generation_batch_size", x.generation_batch_size,
-              f"generation_batch_size x num_generations ({x.num_generations}) must equal micro batch x GA "
-              f"({micro} x {ga} = {micro * ga}): use {micro * ga // x.num_generations}"
-              if (micro * ga) % x.num_generations == 0 else
-              f"num_generations ({x.num_generations}) must divide micro batch x GA ({micro * ga})")
+              "on-policy micro-step holds whole groups of completions")
 
     r = cfg.rollout
     _positive_int(r.max_new_tokens, "rollout.max_new_tokens")
@@ -270,6 +261,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         _fail("rollout.top_p", r.top_p, "expected a number in (0, 1]")
     if r.top_k < 0:
         _fail("rollout.top_k", r.top_k, "expected an integer >= 0 (0 disables top-k)")
+    _check_vision(cfg)
     _check_rollout_vllm(r, d)
 
     _positive_int(cfg.logging.every, "logging.every")
@@ -281,7 +273,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.checkpoint.every < 0:
         _fail("checkpoint.every", cfg.checkpoint.every, "expected an integer >= 0 (0 disables checkpoints)")
     _positive_int(cfg.checkpoint.keep_last, "checkpoint.keep_last")
-    _check_vision(cfg)
     return cfg
 
 
@@ -325,9 +316,9 @@ def validate_world(cfg: RunConfig, world_size: int) -> None:
         if tbs not in (None, "auto") and tbs != want:
             _fail(f"{key}.train_batch_size", tbs,
                   f"must equal micro batch x GA x world size = {want} on {world_size} ranks (or leave it out)")
-    tp = cfg.rollout.vllm.tensor_parallel_size
+    tp = cfg.rollout.colocate.tensor_parallel_size
     if cfg.rollout.backend == "vllm_colocate" and world_size % tp:
-        _fail("rollout.vllm.tensor_parallel_size", tp, f"must divide the number of ranks ({world_size})")
+        _fail("rollout.colocate.tensor_parallel_size", tp, f"must divide the number of ranks ({world_size})")
 
 
 # ---------------------------------------------------------------------------------------- loading

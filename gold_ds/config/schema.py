@@ -122,10 +122,13 @@ class DistillConfig:
     seq_kd: bool = False
     """Off-policy micro-steps train on completions sampled from the teacher instead of the dataset's."""
     num_generations: int = 1
-    """Completions sampled per prompt on on-policy micro-steps."""
-    generation_batch_size: Optional[int] = None
-    """Prompts per rank per window; times ``num_generations`` it must equal micro batch x GA.
-    Default: micro batch x GA / num_generations."""
+    """Completions sampled per prompt on on-policy micro-steps (an on-policy micro-step takes micro
+    batch / num_generations prompts)."""
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """``uld`` / ``hybrid_uld``: the student and teacher may tokenize differently (aligned by bytes)."""
+        return self.loss != "jsd"
 
 
 @dataclass
@@ -180,8 +183,10 @@ class RolloutConfig:
     sync_bucket_mb: int = 512
     """vLLM backends: weights are gathered from ZeRO-3 and pushed in buckets of at most this many MiB
     of full tensors (a larger single parameter is a bucket of its own)."""
-    vllm: VLLMColocateConfig = field(default_factory=VLLMColocateConfig)
+    colocate: VLLMColocateConfig = field(default_factory=VLLMColocateConfig)
+    """``vllm_colocate`` only."""
     server: VLLMServerConfig = field(default_factory=VLLMServerConfig)
+    """``vllm_server`` only."""
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Per-rank example streams and the tensors of one micro-step."""
+"""Per-rank streams of dataset indices, and right-padded tensors of sequences."""
 import torch
 
 
@@ -47,7 +47,7 @@ class RankSampler:
         self.consumed = int(state["consumed"])
 
 
-def training_batch(sequences: list, pad_id: int) -> dict:
+def sequence_tensors(sequences: list, pad_id: int) -> dict:
     """Right-padded tensors for teacher-forced forward passes.
 
     ``sequences``: (prompt_ids, completion_ids) pairs. Returns ``input_ids``, ``attention_mask`` and

@@ -9,13 +9,15 @@ Two row formats (the field's usual ones):
   tokens with the tokenizer's special tokens, completion tokens followed by EOS).
 An optional ``answer`` column holds the exact-match target used by evaluation.
 
-Tokenization and truncation rules:
+Tokenization (``encode_dataset``, with the student's side: ``gold_ds.data.render.TextSide`` or
+``gold_ds.data.vlm.VLMSide``) and truncation rules:
 - prompt ids = the template rendered with ``add_generation_prompt=True``; completion ids = what the
   full conversation adds after them, cut after the first EOS / end-of-turn token (so trailing
   template text such as a newline after ``<|im_end|>`` is not trained on).
 - a prompt longer than ``max_prompt_length`` tokens is a bad row (never truncated: a cut prompt is a
   different task); a completion longer than ``max_completion_length`` keeps its first tokens.
-- bad rows (``no_assistant_turn``, ``empty_completion``, ``prompt_too_long``) are counted per reason
+- bad rows (``no_assistant_turn``, ``empty_completion``, ``prompt_too_long``; vision-language rows
+  also ``missing_images``) are counted per reason
   and skipped, or raise ``BadRowError`` at the first one, per ``data.on_bad_row``.
 """
 import os
@@ -23,11 +25,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-BAD_ROW_REASONS = ("no_assistant_turn", "empty_completion", "prompt_too_long")
-
-
 class BadRowError(ValueError):
     """A dataset row that cannot be trained on, with ``data.on_bad_row`` = ``error``."""
+
+
+class BadRow(Exception):
+    """Raised by a side's ``encode_row``: this row is bad for ``reason`` (one of the bad-row reasons)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
 
 
 @dataclass
@@ -41,7 +48,10 @@ class Example:
 
 
 @dataclass
-class EncodedExample:
+class Sample:
+    """One sequence a micro-step trains on: prompt ids, completion ids (in one model's tokenization)
+    and the example it comes from. A dataset row is a sample with the dataset's completion; rollouts
+    make samples with sampled completions."""
     prompt_ids: list
     completion_ids: list
     example: Example
@@ -69,7 +79,7 @@ class EncodedDataset:
         if len(completion_ids) > max_completion_length:
             completion_ids = completion_ids[:max_completion_length]
             self.truncated_completions += 1
-        self.rows.append(EncodedExample(prompt_ids, completion_ids, example))
+        self.rows.append(Sample(prompt_ids, completion_ids, example))
 
     def checked(self) -> "EncodedDataset":
         if not self.rows:
@@ -138,52 +148,26 @@ def _checked(ex: Example):
     return ex if ex.completion.strip() else "empty_completion"
 
 
-# --------------------------------------------------------------------------------------- tokenizing
-def _template_ids(tokenizer, messages, add_generation_prompt):
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                        tokenize=True, return_dict=True)
-    return list(out["input_ids"])
-
-
-def encode_prompt(tokenizer, prompt) -> list:
-    if isinstance(prompt, str):
-        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    return _template_ids(tokenizer, prompt, add_generation_prompt=True)
-
-
-def encode_example(tokenizer, ex: Example) -> tuple:
-    """(prompt_ids, completion_ids) before truncation; completion ids end with EOS / end of turn."""
-    eos = tokenizer.eos_token_id
-    prompt_ids = encode_prompt(tokenizer, ex.prompt)
-    if isinstance(ex.prompt, str):
-        return prompt_ids, tokenizer(ex.completion, add_special_tokens=False)["input_ids"] + [eos]
-    full = _template_ids(tokenizer, list(ex.prompt) + [{"role": "assistant", "content": ex.completion}], False)
-    if full[:len(prompt_ids)] != prompt_ids:
-        raise ValueError("the chat template does not render the prompt (add_generation_prompt=True) as a "
-                         "prefix of the full conversation, so the completion cannot be split off; use a "
-                         "template whose generation prompt is a prefix of the rendered assistant turn")
-    completion = full[len(prompt_ids):]
-    if eos in completion:
-        completion = completion[:completion.index(eos) + 1]
-    return prompt_ids, completion
-
-
-def encode_dataset(tokenizer, rows: list, max_prompt_length: int, max_completion_length: int,
+# --------------------------------------------------------------------------------------- encoding
+def encode_dataset(side, rows: list, max_prompt_length: int, max_completion_length: int,
                    on_bad_row: str = "report") -> EncodedDataset:
-    """Tokenize every row once; bad rows are counted (or raise ``BadRowError``), never silently dropped."""
+    """Tokenize every row once with ``side`` (a ``TextSide`` or a ``VLMSide``: the student's); bad rows
+    are counted (or raise ``BadRowError``), never silently dropped."""
+    side.check_rows(rows)
     out = EncodedDataset(rows=[])
     for i, row in enumerate(rows):
-        if row.get("images"):
-            raise ValueError(f"dataset row {i} has images but the student is a text-only model: set "
-                             "student.model.processor (and teacher.model.processor) to vision-language "
-                             "processors, or drop the 'images' column")
         ex = to_example(row)
         reason, detail, prompt_ids, completion_ids = (ex if isinstance(ex, str) else None), "", None, None
         if reason is None:
-            prompt_ids, completion_ids = encode_example(tokenizer, ex)
-            if len(prompt_ids) > max_prompt_length:
-                reason = "prompt_too_long"
-                detail = f" ({len(prompt_ids)} tokens > data.max_prompt_length={max_prompt_length})"
+            try:
+                prompt_ids, completion_ids = side.encode_row(ex, row)
+            except BadRow as e:
+                reason, detail = e.reason, f" ({e.detail})"
+            else:
+                if len(prompt_ids) > max_prompt_length:
+                    reason = "prompt_too_long"
+                    detail = (f" ({len(prompt_ids)} tokens{side.prompt_length_note} > data.max_prompt_length="
+                              f"{max_prompt_length})")
         out.add(i, ex, prompt_ids, completion_ids, reason, detail, on_bad_row=on_bad_row,
                 max_completion_length=max_completion_length)
     return out.checked()

@@ -2,10 +2,8 @@
 
 
 def load_tokenizer(model_cfg):
-    """The model's tokenizer: a hub id / local dir, or ``builtin:<task>`` trained locally."""
-    if getattr(model_cfg, "processor", None):  # a vision-language model: its processor's tokenizer
-        from .vlm import load_processor
-        return load_processor(model_cfg).tokenizer
+    """A text model's tokenizer: a hub id / local dir, or ``builtin:<task>`` trained locally
+    (vision-language models use their processor's: ``gold_ds.data.vlm.load_processor``)."""
     name = model_cfg.tokenizer or model_cfg.name_or_path
     if name.startswith("builtin:"):
         from .builtin import builtin_tokenizer

@@ -5,20 +5,22 @@ Rows are conversational (or prompt/completion message lists) whose user turns ho
 image, a file path, raw bytes, or a ``{"bytes": ..., "path": ...}`` dict (the datasets ``Image``
 feature). The dataset step never decodes or processes an image:
 
-- ``encode_dataset`` (start-up) renders each row's prompt and completion with the student
-  *processor's* chat template and tokenizes them (no special tokens added: the template writes
-  them), then expands every image token to the number of tokens the processor gives an image of
-  that size (``processor._get_num_multimodal_tokens``; the size comes from the file header). So
+- the dataset step (start-up, ``gold_ds.data.dataset.encode_dataset`` with the student's
+  ``VLMSide``) renders each row's prompt and completion with the student *processor's* chat
+  template and tokenizes them (no special tokens added: the template writes them), then expands
+  every image token to the number of tokens the processor gives an image of that size
+  (``processor._get_num_multimodal_tokens``; the size comes from the file header). So
   ``prompt_ids`` are the exact ids the model sees, ``len(completion_ids)`` is known for the window's
   normalization, and the prompt-length limit counts image tokens. The images stay in
   ``Example.images`` untouched.
 - ``VLMSide.batch`` (per micro-step, called only for the current gradient-accumulation micro-step)
-  runs the image processor on that micro-step's images and returns ``training_batch`` tensors plus
+  runs the image processor on that micro-step's images and returns ``sequence_tensors`` plus
   the pixel inputs (``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids`` as the model needs).
   ``loss_mask`` covers the completion tokens only: prompt, image and padding positions are 0.
-- ``VLMCrossTokenizerAssembler`` (cross family, ``uld`` / ``hybrid_uld``) is the text
-  ``CrossTokenizerAssembler`` whose renderings go through each side's processor and template, plus
-  each side's pixel inputs from the same raw images (see ``gold_ds/data/cross_tokenizer.py``).
+- A ``VLMSide`` is a side of the micro-step assembler (``gold_ds.data.assembler``): same family
+  (``jsd``), both models read the student side's tensors; cross family (``uld`` / ``hybrid_uld``),
+  each side renders with its own processor and template and gets its own pixel inputs from the same
+  raw images (``gold_ds.data.cross_tokenizer``).
 
 Truncation keeps the start: a completion keeps its first ``max_completion_length`` tokens (it holds
 no image tokens); a prompt is never cut (an image's tokens are all or nothing), a longer one is a
@@ -33,15 +35,12 @@ import weakref
 
 import torch
 
-from .batch import training_batch
-from .cross_tokenizer import CrossTokenizerAssembler
-from .dataset import BadRowError, EncodedDataset, Example, to_example
+from ..config import ConfigError
+from .batch import sequence_tensors
+from .dataset import BadRow, BadRowError, Example
+from .render import split_completion
 
 _PROCESSORS = {}
-
-
-class VLMConfigError(ValueError):
-    """A student/teacher/data combination that cannot be distilled; the message names the fix."""
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -151,18 +150,22 @@ class MultimodalPrompt(list):
 
 
 class VLMSide:
-    """One model's processor: renders examples and assembles its micro-step tensors."""
+    """One vision-language model's processor: a side (``gold_ds.data.render``) that renders examples
+    and assembles its micro-step tensors."""
+
+    prompt_length_note = ", image tokens included"
 
     def __init__(self, processor, key: str):
         self.processor, self.key = processor, key
+        self.preprocessor = processor
         self.tokenizer = processor.tokenizer
         self.image_token = getattr(processor, "image_token", None)
         self.image_token_id = getattr(processor, "image_token_id", None)
         if self.image_token_id is None and self.image_token is not None:
             self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         if self.image_token is None or self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
-            raise VLMConfigError(f"{key}: the processor {type(processor).__name__} has no image token in its "
-                                 "tokenizer; use a vision-language model's processor (LLaVA, Qwen2-VL, ...)")
+            raise ConfigError(f"{key}: the processor {type(processor).__name__} has no image token in its "
+                              "tokenizer; use a vision-language model's processor (LLaVA, Qwen2-VL, ...)")
         self.token_types = "mm_token_type_ids" in getattr(processor, "model_input_names", [])
         video = getattr(processor, "video_token_id", None)
         self.placeholder_ids = [self.image_token_id] + ([video] if video is not None else [])
@@ -208,17 +211,10 @@ class VLMSide:
         text = example.completion if text is None else text
         if not isinstance(example.prompt, list):
             raise BadRowError("a vision-language row must be conversational (chat messages), not plain text")
-        prompt = self._render(example.prompt, True)
-        full = self._render(list(example.prompt) + [{"role": "assistant", "content": [{"type": "text", "text": text}]}],
-                            False)
-        if full[:len(prompt)] != prompt:
-            raise ValueError(f"{self.key}: the chat template does not render the prompt (add_generation_prompt="
-                             "True) as a prefix of the full conversation, so the completion cannot be split off")
-        completion = full[len(prompt):]
-        if self.eos in completion:
-            completion = completion[:completion.index(self.eos) + 1]
-        ids = self.expand(prompt, example.images)
-        return MultimodalPrompt(ids, example.images, self), completion
+        prompt, completion = split_completion(
+            self._render, example.prompt, {"role": "assistant", "content": [{"type": "text", "text": text}]},
+            self.eos, self.key)
+        return MultimodalPrompt(self.expand(prompt, example.images), example.images, self), completion
 
     # ---- pixels (per micro-step)
     def pixel_inputs(self, images_per_sample: list) -> dict:
@@ -236,10 +232,10 @@ class VLMSide:
         return (ids == self.image_token_id).long()
 
     def batch(self, samples: list) -> dict:
-        """One micro-step's tensors: ``training_batch`` (right-padded ids, attention mask, loss mask
+        """One micro-step's tensors: ``sequence_tensors`` (right-padded ids, attention mask, loss mask
         over completion tokens only) plus the pixel inputs of the samples' images. The samples'
         prompt ids must be this side's rendering (image tokens expanded for these images)."""
-        b = training_batch([(s.prompt_ids, s.completion_ids) for s in samples], self.pad)
+        b = sequence_tensors([(s.prompt_ids, s.completion_ids) for s in samples], self.pad)
         for s in samples:
             if any(t in self.placeholder_ids for t in s.completion_ids):
                 raise ValueError(f"{self.key}: a completion holds an image placeholder token: completions are text")
@@ -259,66 +255,20 @@ class VLMSide:
             per_token["mm_token_type_ids"] = [int(t == self.image_token_id) for t in prompt]
         return per_token, self.pixel_inputs([prompt.images])
 
-    # ---- the dataset (start-up, no pixels)
-    def encode_dataset(self, rows: list, max_prompt_length: int, max_completion_length: int,
-                       on_bad_row: str = "report") -> EncodedDataset:
-        """Like ``gold_ds.data.dataset.encode_dataset`` for image rows (bad-row reasons plus
-        ``missing_images``: image parts and images that do not pair up, or an image that cannot be
-        opened). Images are only opened for their size."""
+    # ---- the dataset step (start-up, no pixels; see ``gold_ds.data.dataset.encode_dataset``)
+    def check_rows(self, rows: list) -> None:
         if any(image_parts(r.get("messages") or r.get("prompt")) for r in rows) and not any("images" in r for r in rows):
-            raise VLMConfigError("the data's user turns hold image parts but the rows have no 'images' column: "
-                                 "add one (a list of PIL images, file paths or bytes per row, one per image part)")
-        out = EncodedDataset(rows=[])
-        for i, row in enumerate(rows):
-            ex = to_example(row)
-            reason, detail, prompt_ids, completion_ids = (ex if isinstance(ex, str) else None), "", None, None
-            if reason is None:
-                ex.images = list(row.get("images") or [])
-                try:
-                    prompt_ids, completion_ids = self.encode(ex)
-                except (BadRowError, FileNotFoundError, OSError, TypeError) as e:
-                    reason, detail = "missing_images", f" ({e})"
-                else:
-                    if len(prompt_ids) > max_prompt_length:
-                        reason = "prompt_too_long"
-                        detail = (f" ({len(prompt_ids)} tokens, image tokens included, > data.max_prompt_length="
-                                  f"{max_prompt_length})")
-            out.add(i, ex, prompt_ids, completion_ids, reason, detail, on_bad_row=on_bad_row,
-                    max_completion_length=max_completion_length)
-        return out.checked()
+            raise ConfigError("the data's user turns hold image parts but the rows have no 'images' column: "
+                              "add one (a list of PIL images, file paths or bytes per row, one per image part)")
 
-
-# ------------------------------------------------------------------------------------- cross family
-class VLMCrossTokenizerAssembler(CrossTokenizerAssembler):
-    """``CrossTokenizerAssembler`` for two vision-language models: each side renders with its own
-    processor's template (image tokens expanded its own way), and each side's batch carries its own
-    pixel inputs from the same raw images. Alignment covers the completion text only (images hold
-    no completion bytes)."""
-
-    def __init__(self, student: VLMSide, teacher: VLMSide):
-        super().__init__(student.tokenizer, teacher.tokenizer)
-        self.student_side, self.teacher_side = student, teacher
-
-    def _side(self, tokenizer):
-        return self.teacher_side if tokenizer is self.teacher_tokenizer else self.student_side
-
-    def teacher_prompt_ids(self, example: Example) -> list:
-        return self.teacher_side.encode_prompt(example)
-
-    def render(self, tokenizer, example: Example, text: str, finished: bool) -> tuple:
-        prompt_ids, completion_ids = self._side(tokenizer).encode(example, text)
-        if not finished and completion_ids and completion_ids[-1] == tokenizer.eos_token_id:
-            completion_ids = completion_ids[:-1]
-        return prompt_ids, completion_ids
-
-    def assemble(self, samples: list):
-        cb = super().assemble(samples)
-        images = [s.example.images for s in samples]
-        for side, b in ((self.student_side, cb.student), (self.teacher_side, cb.teacher)):
-            b.update(side.pixel_inputs(images))
-            if side.token_types:
-                b["mm_token_type_ids"] = side._token_types(b["input_ids"])
-        return cb
+    def encode_row(self, example: Example, row: dict) -> tuple:
+        """Bad-row reason ``missing_images``: image parts and images that do not pair up, or an image
+        that cannot be opened (images are only opened for their size)."""
+        example.images = list(row.get("images") or [])
+        try:
+            return self.encode(example)
+        except (BadRowError, FileNotFoundError, OSError, TypeError) as e:
+            raise BadRow("missing_images", str(e)) from None
 
 
 # ---------------------------------------------------------------------------------- the model pair
@@ -337,44 +287,37 @@ _PROBE = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text
 _PROBE_SIZES = [(56, 56), (84, 140), (224, 224)]
 
 
-class VLMPair:
-    """The student's and teacher's processors, checked at start-up (``cfg``: the ``RunConfig``)."""
+def vlm_sides(cfg) -> tuple:
+    """The student's and teacher's ``VLMSide`` (``cfg``: the ``RunConfig``), checked at start-up:
+    each model's image token is its processor's, and with ``jsd`` both render alike."""
+    s_cfg, t_cfg = cfg.student.model, cfg.teacher.model
+    student = VLMSide(load_processor(s_cfg), "student.model.processor")
+    teacher = VLMSide(load_processor(t_cfg), "teacher.model.processor")
+    for side, mcfg, key in ((student, s_cfg, "student.model"), (teacher, t_cfg, "teacher.model")):
+        model_id = _model_image_token_id(mcfg)
+        if model_id is not None and model_id != side.image_token_id:
+            raise ConfigError(
+                f"mismatched image token semantics: {key} expects image token id {model_id} but its processor "
+                f"({mcfg.processor!r}) writes {side.image_token!r} = id {side.image_token_id}; set "
+                f"{key}.config.image_token_id to {side.image_token_id} or use the model's own processor")
+    if not cfg.distill.cross_tokenizer:
+        _check_same_family(student, teacher, s_cfg, t_cfg)
+    return student, teacher
 
-    def __init__(self, cfg):
-        s_cfg, t_cfg = cfg.student.model, cfg.teacher.model
-        self.student = VLMSide(load_processor(s_cfg), "student.model.processor")
-        self.teacher = VLMSide(load_processor(t_cfg), "teacher.model.processor")
-        for side, mcfg, key in ((self.student, s_cfg, "student.model"), (self.teacher, t_cfg, "teacher.model")):
-            model_id = _model_image_token_id(mcfg)
-            if model_id is not None and model_id != side.image_token_id:
-                raise VLMConfigError(
-                    f"mismatched image token semantics: {key} expects image token id {model_id} but its processor "
-                    f"({mcfg.processor!r}) writes {side.image_token!r} = id {side.image_token_id}; set "
-                    f"{key}.config.image_token_id to {side.image_token_id} or use the model's own processor")
-        self.cross = cfg.distill.loss != "jsd"
-        if not self.cross:
-            self._check_same_family(s_cfg, t_cfg)
 
-    def _check_same_family(self, s_cfg, t_cfg):
-        s, t = self.student, self.teacher
-        if s.tokenizer.get_vocab() != t.tokenizer.get_vocab():
-            raise VLMConfigError(
-                f"distill.loss='jsd' with a cross-family VLM pair (student processor {s_cfg.processor!r}, teacher "
-                f"processor {t_cfg.processor!r} have different vocabularies): jsd compares the two models token by "
-                "token; use distill.loss='uld' or 'hybrid_uld' for models of different families")
-        s_n, t_n = s.image_tokens(_PROBE_SIZES), t.image_tokens(_PROBE_SIZES)
-        s_ids, t_ids = s._render(_PROBE, True), t._render(_PROBE, True)
-        if s.image_token_id != t.image_token_id or s_n != t_n or s_ids != t_ids:
-            raise VLMConfigError(
-                "mismatched image token semantics for distill.loss='jsd': the student's processor renders an "
-                f"image as {s.image_token!r} (id {s.image_token_id}) x {s_n} tokens for sizes {_PROBE_SIZES}, the "
-                f"teacher's as {t.image_token!r} (id {t.image_token_id}) x {t_n}"
-                + ("" if s_ids == t_ids else ", and their chat templates render a prompt differently")
-                + "; jsd needs identical inputs on both sides: give both models the same processor "
-                "(student.model.processor = teacher.model.processor), or use distill.loss='uld' / 'hybrid_uld'")
-
-    def encode_dataset(self, rows, **kw):
-        return self.student.encode_dataset(rows, **kw)
-
-    def cross_assembler(self) -> VLMCrossTokenizerAssembler:
-        return VLMCrossTokenizerAssembler(self.student, self.teacher)
+def _check_same_family(s, t, s_cfg, t_cfg) -> None:
+    if s.tokenizer.get_vocab() != t.tokenizer.get_vocab():
+        raise ConfigError(
+            f"distill.loss='jsd' with a cross-family VLM pair (student processor {s_cfg.processor!r}, teacher "
+            f"processor {t_cfg.processor!r} have different vocabularies): jsd compares the two models token by "
+            "token; use distill.loss='uld' or 'hybrid_uld' for models of different families")
+    s_n, t_n = s.image_tokens(_PROBE_SIZES), t.image_tokens(_PROBE_SIZES)
+    s_ids, t_ids = s._render(_PROBE, True), t._render(_PROBE, True)
+    if s.image_token_id != t.image_token_id or s_n != t_n or s_ids != t_ids:
+        raise ConfigError(
+            "mismatched image token semantics for distill.loss='jsd': the student's processor renders an "
+            f"image as {s.image_token!r} (id {s.image_token_id}) x {s_n} tokens for sizes {_PROBE_SIZES}, the "
+            f"teacher's as {t.image_token!r} (id {t.image_token_id}) x {t_n}"
+            + ("" if s_ids == t_ids else ", and their chat templates render a prompt differently")
+            + "; jsd needs identical inputs on both sides: give both models the same processor "
+            "(student.model.processor = teacher.model.processor), or use distill.loss='uld' / 'hybrid_uld'")
