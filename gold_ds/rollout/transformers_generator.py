@@ -17,6 +17,8 @@ hence of chunks.
 import torch
 import torch.distributed as dist
 
+from .base import Rollout
+
 
 def left_padded(prompts: list, pad_id: int) -> dict:
     """Left-padded prompts for generation."""
@@ -29,7 +31,10 @@ def left_padded(prompts: list, pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": attn}
 
 
-class TransformersGenerator:
+class TransformersGenerator(Rollout):
+    """Generates with the model itself (the ZeRO-3 engine's module): its weights are always the
+    current ones, so ``sample`` never syncs."""
+
     def __init__(self, module, tokenizer, *, device, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, multimodal_chunk: int = None, suppress_tokens=None):
         """``multimodal_chunk``: vision-language prompts per ``generate`` call of the model (None: all;
@@ -45,8 +50,8 @@ class TransformersGenerator:
     @torch.no_grad()
     def generate(self, prompts: list, num_generations: int = 1, greedy: bool = False,
                  max_new_tokens: int = None) -> list:
-        """Completion ids per prompt x sample (cut after the first EOS; a sample that reaches the
-        token limit ends without EOS). Collective under ZeRO-3: all ranks call it together, each
+        """Completion ids per prompt x completion (cut after the first EOS; a completion that reaches
+        the token limit ends without EOS). Collective under ZeRO-3: all ranks call it together, each
         with at least one prompt."""
         if not prompts:
             raise ValueError("generate needs at least one prompt on every rank (ZeRO-3 forward passes are collective)")

@@ -6,8 +6,9 @@ back), started once with vLLM's ``external_launcher`` executor, which runs the m
 this process and joins the trainer's ``torch.distributed`` world. The engine starts from the
 student's config and tokenizer with dummy weights: the first rollout must come with weights.
 
-One rollout, ``generate(prompts, ..., weights=buckets or None)``, all inside this one call so that
-nothing can run between the weight sync and the generation:
+One rollout, ``generate(prompts, ..., weights=buckets or None)`` (``sample`` of the rollout
+interface passes the buckets when a sync is due), all inside this one call so that nothing can run
+between the weight sync and the generation:
 
     sleep_level > 0:  wake_up(weights) -> load(buckets) -> wake_up(kv_cache) -> generate
                       -> reset_prefix_cache -> sleep(level)
@@ -15,7 +16,7 @@ nothing can run between the weight sync and the generation:
 
 Waking the weights first matters: at level 1 ``wake_up`` copies the weights saved at ``sleep`` back
 to the device, which would overwrite weights loaded before it; at level 2 it allocates them empty.
-The engine also sleeps once after start. ``events`` records every call made to the engine, in order.
+The engine also sleeps once after start. ``events`` keeps the latest calls made to the engine, in order.
 
 Loading: ``collective_rpc("reload_weights", weights_iterator=...)`` runs in this process (the
 engine is in-process), so the tensors are passed by reference and consumed bucket by bucket while
@@ -32,25 +33,23 @@ Sleep mode needs a GPU: where vLLM's platform has none (CPU), the engine starts 
 ``sleep``/``wake_up`` are vLLM no-ops (it logs a warning), but the call sequence is the same.
 """
 import os
-import time
 
-import torch
 import torch.distributed as dist
 
+from .base import WeightSyncedRollout
 from .vllm_common import cut_after_stop, import_vllm, sampling_kwargs
 
 
-class VLLMColocateGenerator:
+class VLLMColocateGenerator(WeightSyncedRollout):
     def __init__(self, hf_config, tokenizer, *, workdir: str, dtype: str, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_token_ids=(),
                  max_model_len: int, sleep_level: int = 1, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.5, kv_cache_memory_bytes=None,
-                 enforce_eager: bool = False, seed: int = 0, trust_remote_code: bool = False):
+                 enforce_eager: bool = False, seed: int = 0, trust_remote_code: bool = False,
+                 sync_every: int = 1, bucket_bytes: int = 512 << 20):
+        super().__init__(sync_every, bucket_bytes)
         vllm = import_vllm()
         from vllm.platforms import current_platform
-        self.events = []
-        self.last_sync_seconds = None  # time of the last load (gather + copy), None if none yet
-        self.loaded_tensors = 0
         self.eos_id = tokenizer.eos_token_id
         self.stop_ids = [t for t in [self.eos_id, *stop_token_ids] if t is not None]
         self.max_new_tokens = max_new_tokens
@@ -60,7 +59,7 @@ class VLLMColocateGenerator:
         world = dist.get_world_size() if dist.is_initialized() else 1
         tp = tensor_parallel_size
         if world % tp:
-            raise ValueError(f"rollout.vllm.tensor_parallel_size={tp} must divide the number of ranks ({world})")
+            raise ValueError(f"rollout.colocate.tensor_parallel_size={tp} must divide the number of ranks ({world})")
         self.tp, self.dp_rank = tp, self.rank // tp
         self.group = None
         if tp > 1:  # every rank creates every group (new_group is collective)
@@ -118,7 +117,7 @@ class VLLMColocateGenerator:
         self.events.append(f"wake_up({tag})")
         self.llm.wake_up(tags=[tag])
 
-    def _load(self, weights):
+    def _load_weights(self, weights) -> int:
         """Load every (name, tensor) of every bucket in place, in one reload (see module docstring)."""
         count = [0]
 
@@ -127,11 +126,8 @@ class VLLMColocateGenerator:
                 for name, t in bucket:
                     count[0] += 1
                     yield name, t
-        t0 = time.perf_counter()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors()})
-        self.last_sync_seconds = time.perf_counter() - t0
-        self.loaded_tensors = count[0]
-        self.events.append(f"load({count[0]})")
+        return count[0]
 
     def _group_prompts(self, prompts):
         """All prompts of this rank's tensor-parallel group (in rank order) and this rank's slice."""
@@ -145,17 +141,17 @@ class VLLMColocateGenerator:
     # ---------------------------------------------------------------------------------- interface
     def generate(self, prompts: list, num_generations: int = 1, greedy: bool = False,
                  max_new_tokens: int = None, weights=None) -> list:
-        """Completion ids per prompt x sample (prompt 0's samples first), cut after the first stop
-        token (EOS or ``stop_token_ids``). ``weights``: an iterable of buckets of (checkpoint name,
-        full tensor), loaded before generating (required before the first generation). Collective:
-        every rank calls it, each with its own prompts (possibly none)."""
-        if weights is None and self.last_sync_seconds is None:
+        """Completion ids per prompt x completion (prompt 0's first), cut after the first stop token
+        (EOS or ``stop_token_ids``). ``weights``: an iterable of buckets of (checkpoint name, full
+        tensor), loaded before generating (required before the first generation). Collective: every
+        rank calls it, each with its own prompts (possibly none)."""
+        if weights is None and not self.has_weights:
             raise RuntimeError("the vLLM engine holds dummy weights: the first generate() must bring weights")
         group_prompts, mine = self._group_prompts(prompts)
         if self.sleep_level:
             self._wake("weights")
         if weights is not None:
-            self._load(weights)
+            self._sync_weights(weights)
         if self.sleep_level:
             self._wake("kv_cache")
         outs = []
@@ -173,20 +169,3 @@ class VLLMColocateGenerator:
         stop = set(self.stop_ids)
         return [cut_after_stop(c.token_ids, stop) for o in outs[mine]
                 for c in sorted(o.outputs, key=lambda c: c.index)]
-
-    @torch.no_grad()
-    def score(self, sequences: list, prompt_lengths: list) -> list:
-        """Log-probabilities the engine gives each sequence's tokens after its prompt (one list per
-        sequence), from its current weights; for checks against the trainer. Not collective with
-        tensor_parallel_size 1; with TP, every rank of a group must pass the same sequences."""
-        if self.sleep_level:
-            self._wake("weights")
-            self._wake("kv_cache")
-        sp = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        outs = self.llm.generate([self._vllm.TokensPrompt(prompt_token_ids=list(s)) for s in sequences],
-                                 sp, use_tqdm=False)
-        self.llm.reset_prefix_cache()
-        if self.sleep_level:
-            self._sleep()
-        return [[o.prompt_logprobs[i][s[i]].logprob for i in range(n, len(s))]
-                for o, s, n in zip(outs, sequences, prompt_lengths)]

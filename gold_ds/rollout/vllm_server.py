@@ -4,16 +4,17 @@ The server must run with ``VLLM_SERVER_DEV_MODE=1`` (it enables ``POST /collecti
 ``/reset_prefix_cache``); see the README for the command. Plain HTTP with the standard library:
 the trainer needs no vllm install for this backend.
 
-One rollout, ``generate(prompts, ..., weights=buckets or None)``, called by every rank together:
-  1. weights (when given): every rank takes part in gathering each bucket from ZeRO-3; rank 0 writes
+One rollout, ``generate(prompts, ..., weights=buckets or None)`` (``sample`` of the rollout
+interface passes the buckets when a sync is due), called by every rank together:
+  1. weight sync (when given): every rank takes part in gathering each bucket from ZeRO-3; rank 0 writes
      each bucket as one safetensors file into a fresh ``<weights_path>/sync-N`` directory, then asks
      the server to ``reload_weights`` from it (``POST /collective_rpc``; vLLM reads the files and
      loads them in place) and to reset its prefix cache, then removes the previous directory.
      The server must see ``weights_path`` (same machine or a shared filesystem). NCCL transfer to a
      server on other GPUs is not implemented (see the README);
   2. prompts are gathered to rank 0 (ranks may hold different numbers, none included), sent in one
-     ``POST /v1/completions`` request (token-id prompts, ``n`` samples each, ``return_token_ids``),
-     and each rank gets its own prompts' sampled ids back (scatter from rank 0).
+     ``POST /v1/completions`` request (token-id prompts, ``n`` completions each, ``return_token_ids``),
+     and each rank gets its own prompts' completions back (scatter from rank 0).
 """
 import json
 import os
@@ -24,13 +25,15 @@ import urllib.request
 
 import torch.distributed as dist
 
+from .base import WeightSyncedRollout
 from .vllm_common import cut_after_stop, sampling_kwargs
 
 
-class VLLMServerGenerator:
+class VLLMServerGenerator(WeightSyncedRollout):
     def __init__(self, tokenizer, *, url: str, weights_path: str, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_token_ids=(),
-                 timeout_s: float = 600.0):
+                 timeout_s: float = 600.0, sync_every: int = 1, bucket_bytes: int = 512 << 20):
+        super().__init__(sync_every, bucket_bytes)
         self.url = url.rstrip("/")
         self.weights_path = os.path.abspath(weights_path)
         self.timeout_s = timeout_s
@@ -40,9 +43,7 @@ class VLLMServerGenerator:
         self.sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.events = []  # requests sent to the server (rank 0) / "load(n)" on every rank
-        self.last_sync_seconds = None
-        self.loaded_tensors = 0
+        # events: requests sent to the server (rank 0) and "load(n)" (every rank)
         self._syncs = 0
         self._requests = 0
         self.model = None
@@ -81,10 +82,9 @@ class VLLMServerGenerator:
             time.sleep(1.0)
 
     # ------------------------------------------------------------------------------ weight push
-    def _push(self, weights):
+    def _load_weights(self, weights) -> int:
         """Every rank consumes the buckets (collective gathers); rank 0 writes and triggers the load."""
         from safetensors.torch import save_file
-        t0 = time.perf_counter()
         self._syncs += 1
         target = os.path.join(self.weights_path, f"sync-{self._syncs}")
         if self.rank == 0:
@@ -101,18 +101,16 @@ class VLLMServerGenerator:
                                                        "kwargs": {"weights_path": target}})
             self._request("POST", "/reset_prefix_cache")
             shutil.rmtree(os.path.join(self.weights_path, f"sync-{self._syncs - 1}"), ignore_errors=True)
-        self.last_sync_seconds = time.perf_counter() - t0
-        self.loaded_tensors = count
-        self.events.append(f"load({count})")
+        return count
 
     # ---------------------------------------------------------------------------------- interface
     def generate(self, prompts: list, num_generations: int = 1, greedy: bool = False,
                  max_new_tokens: int = None, weights=None) -> list:
-        """Completion ids per prompt x sample (prompt 0's samples first), cut after the first stop
-        token. ``weights``: buckets of (checkpoint name, full tensor) pushed to the server first.
+        """Completion ids per prompt x completion (prompt 0's first), cut after the first stop token.
+        ``weights``: buckets of (checkpoint name, full tensor) synced to the server first.
         Collective: every rank calls it, each with its own prompts (possibly none)."""
         if weights is not None:
-            self._push(weights)
+            self._sync_weights(weights)
         everyone = [None] * self.world
         if self.world > 1:
             dist.all_gather_object(everyone, [list(p) for p in prompts])
@@ -121,11 +119,11 @@ class VLLMServerGenerator:
         results = [None] * self.world
         if self.rank == 0:
             flat = [p for ps in everyone for p in ps]
-            samples = self._complete(flat, num_generations, greedy, max_new_tokens) if flat else []
+            completions = self._complete(flat, num_generations, greedy, max_new_tokens) if flat else []
             start = 0
             for r, ps in enumerate(everyone):
                 n = len(ps) * num_generations
-                results[r] = samples[start:start + n]
+                results[r] = completions[start:start + n]
                 start += n
         if self.world > 1:
             mine = [None]
@@ -135,7 +133,7 @@ class VLLMServerGenerator:
 
     def _complete(self, prompts: list, n: int, greedy: bool, max_new_tokens) -> list:
         self._requests += 1
-        # no per-request seed: one seed would be shared by every prompt of the batch (correlated samples)
+        # no per-request seed: one seed would be shared by every prompt of the batch (correlated completions)
         body = dict(model=self.model, prompt=prompts, return_token_ids=True,
                     **sampling_kwargs(n=n, greedy=greedy, max_tokens=max_new_tokens or self.max_new_tokens,
                                       stop_token_ids=self.stop_ids, **self.sampling))
