@@ -9,6 +9,7 @@ tokens / the slowest rank's wall time; the best of --repeats runs is kept. CPU, 
 Llama (4 layers, hidden 256, head size 64). Prints a markdown table.
 """
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -68,17 +69,19 @@ def _rank(rank, world, port, args, out):
 
     vgen = VLLMColocateGenerator(engine.module.config, tok, workdir=os.path.join(out_dir_of(args), "vllm"),
                                  dtype="float32", max_new_tokens=N, max_model_len=256, sleep_level=1,
-                                 enforce_eager=True, kv_cache_memory_bytes=256 << 20, seed=0)
+                                 enforce_eager=True, kv_cache_memory_bytes=256 << 20, seed=0,
+                                 bucket_bytes=args.bucket_mb << 20)
     vgen.stop_ids = []  # every sample runs to N tokens
-    bucket = args.bucket_mb << 20
-    t_sync, _ = timed(lambda: vgen.generate([], 1, weights=gathered_weight_buckets(engine.module, bucket)))
+    sync, steps = {}, itertools.count()  # a new step each repeat: sync_every 1 syncs every time
+    t_sync, _ = timed(lambda: sync.update(vgen.sample(
+        [], 1, step=next(steps), weights=lambda bucket_bytes: gathered_weight_buckets(engine.module, bucket_bytes))[1]))
     t_vllm, out = timed(lambda: vgen.generate(prompts, 1))
     assert all(len(c) == N for c in out), [len(c) for c in out]
     if rank == 0:
         params = sum(p.ds_numel for p in engine.module.parameters())
         tokens = args.prompts * N
         with open(os.path.join(out_dir_of(args), "result.txt"), "w") as f:
-            f.write(f"{params}\t{tokens}\t{t_hf}\t{t_vllm}\t{t_sync}\t{vgen.last_sync_seconds}\n")
+            f.write(f"{params}\t{tokens}\t{t_hf}\t{t_vllm}\t{t_sync}\t{sync['time/weight_sync']}\n")
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)

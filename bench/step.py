@@ -29,15 +29,15 @@ def main():
     import torch
     import torch.distributed as dist
     from gold_ds.config import load_config
-    from gold_ds.trainer import Trainer
+    from gold_ds.trainer import build_trainer
     torch.set_num_threads(1)
-    cfg = load_config(args.config, ["teacher.sft.max_steps=0", "data.eval=null", "export.enabled=false",
-                                    "checkpoint.every=0", "logging.progress_bar=false",
-                                    "output_dir=runs/bench-step"] + args.overrides)
-    tr = Trainer(cfg)
     rows = {}
     for name, lmbda in (("on-policy", 1.0), ("off-policy", 0.0)):
-        tr.cfg.distill.lmbda = lmbda
+        cfg = load_config(args.config, ["teacher.sft.max_steps=0", "data.eval=null", "export.enabled=false",
+                                        "checkpoint.every=0", "logging.progress_bar=false",
+                                        f"output_dir=runs/bench-step/{name}", f"distill.lmbda={lmbda}"]
+                          + args.overrides)
+        tr = build_trainer(cfg)
         times = {k: [] for k in PHASES}
         for i in range(args.warmup + args.steps):
             m = tr.train_step()
@@ -45,6 +45,8 @@ def main():
                 for k in PHASES:
                     times[k].append(m[f"time/{k}"])
         rows[name] = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        tr.student.destroy()
+        tr.teacher.destroy()
     if dist.get_rank() == 0:
         ds = cfg.student.deepspeed
         print(f"\nbench/step.py: {args.config}, {dist.get_world_size()} ranks on "

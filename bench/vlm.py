@@ -19,7 +19,9 @@ from types import SimpleNamespace as NS
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gold_ds.data.vlm import PIXELS, VLMCrossTokenizerAssembler, VLMSide, load_processor  # noqa: E402
+from gold_ds.data import SharedAssembler, encode_dataset  # noqa: E402
+from gold_ds.data.cross_tokenizer import CrossTokenizerAssembler  # noqa: E402
+from gold_ds.data.vlm import PIXELS, VLMSide, load_processor  # noqa: E402
 from gold_ds.data.vlm_tasks import shapes_rows  # noqa: E402
 
 
@@ -69,13 +71,13 @@ def main():
     rows = shapes_rows(a.micro * a.ga, 0)
     for r in rows:
         r["images"] = [r["images"][0].resize((a.size, a.size))]
-    data = side.encode_dataset(rows, max_prompt_length=10 ** 6, max_completion_length=16)
+    data = encode_dataset(side, rows, max_prompt_length=10 ** 6, max_completion_length=16)
     window = [data.rows[i * a.micro:(i + 1) * a.micro] for i in range(a.ga)]
-    assemble = side.batch
+    assemble = SharedAssembler(side, side).assemble
     label = a.processor
     if a.teacher:
         teacher = VLMSide(load_processor(NS(processor=f"builtin:{a.teacher}", trust_remote_code=False)), "teacher")
-        assemble = VLMCrossTokenizerAssembler(side, teacher).assemble
+        assemble = CrossTokenizerAssembler(side, teacher, 16).assemble
         label = f"{a.processor} <- {a.teacher}"
     results = {}
     for upfront in (False, True, False, True):  # alternate, keep the best time and the largest peak

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     runs = [(base_cfg.name, _run(args, args.overrides))]
     shared = list(args.overrides)
     if base_cfg.teacher.sft.max_steps > 0:  # every variant distills the preset's trained teacher
-        teacher_dir = os.path.abspath(os.path.join(base_cfg.output_dir, "teacher-sft"))
+        teacher_dir = os.path.abspath(os.path.join(base_cfg.output_dir, "teacher_sft"))
         shared += [f"teacher.model.name_or_path={teacher_dir}", "teacher.model.config=null",
                    "teacher.model.tokenizer=null", "teacher.sft.max_steps=0"]
     for name, *overrides in args.variant:

@@ -9,10 +9,21 @@ Works under the deepspeed launcher, torchrun, or any launcher that sets RANK/WOR
 import argparse
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gold_ds.config import ConfigError, load_config  # noqa: E402
+
+
+def _config_error(e) -> int:
+    """One message for the whole run, exit code 2: every rank finds the same error and rank 0 prints
+    it; the other ranks wait a moment first, as a launcher stops the whole group at the first exit."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"gold_ds: {e}", file=sys.stderr)
+    else:
+        time.sleep(5)
+    return 2
 
 
 def main(argv=None) -> int:
@@ -25,8 +36,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"gold_ds: {e}", file=sys.stderr)
-        return 2
+        return _config_error(e)
 
     import torch
     from deepspeed.accelerator import get_accelerator
@@ -35,8 +45,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
     import torch.distributed as dist
-    from gold_ds.trainer import Trainer
-    Trainer(cfg, resume=args.resume).train()
+    from gold_ds.trainer import build_trainer
+    try:  # start-up checks that need the tokenizers, processors or the world size
+        trainer = build_trainer(cfg, resume=args.resume)
+    except ConfigError as e:
+        return _config_error(e)
+    trainer.train()
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -1,4 +1,5 @@
-"""The training loop: schedule, rollout, teacher and student passes, logging, checkpoints."""
+"""The training loop (``loop.py``) and the builder of its parts (``build.py``): ``build_trainer(cfg).train()``."""
+from .build import build_trainer
 from .loop import Trainer
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "build_trainer"]

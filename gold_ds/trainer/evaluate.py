@@ -13,16 +13,15 @@ from ..data.tasks import exact_match
 
 
 class Evaluator:
-    """``objective(samples, timer)``: the training objective (summed loss of a micro-step);
-    ``teacher_prompt_ids(row)``: a row's prompt in the teacher's template."""
+    """``assembler`` and ``objective``: the training ones (micro batches and their summed loss);
+    ``student_generator``, ``teacher_generator``: transformers generation on the two engines."""
 
-    def __init__(self, data, eval_cfg, tokenizer, teacher_tokenizer, student, student_gen, teacher_gen,
-                 objective, teacher_prompt_ids, forward_batch: int, generate_batch: int):
+    def __init__(self, data, eval_cfg, assembler, objective, student, student_generator, teacher_generator,
+                 forward_batch: int, generate_batch: int):
         self.rows = data.rows[:eval_cfg.num_examples] if eval_cfg.num_examples else data.rows
-        self.cfg, self.tokenizer, self.teacher_tokenizer = eval_cfg, tokenizer, teacher_tokenizer
-        self.student = student
-        self.student_gen, self.teacher_gen = student_gen, teacher_gen
-        self.objective, self.teacher_prompt_ids = objective, teacher_prompt_ids
+        self.cfg, self.assembler, self.objective, self.student = eval_cfg, assembler, objective, student
+        self.tokenizer, self.teacher_tokenizer = assembler.student.tokenizer, assembler.teacher.tokenizer
+        self.student_generator, self.teacher_generator = student_generator, teacher_generator
         self.forward_batch, self.generate_batch = forward_batch, generate_batch  # as in training: micro, window
         self.has_answers = all(r.example.answer is not None for r in self.rows)
         self._teacher = None  # (correct count, table completions): the teacher is frozen
@@ -55,17 +54,18 @@ class Evaluator:
     def _run(self):
         rows, counted = self._my_rows()
         loss_sum = tokens = 0.0
-        timer = {"teacher": 0.0, "student": 0.0}
         for i in range(0, len(rows), self.forward_batch):
             chunk = rows[i:i + self.forward_batch]
-            keep = [i + j < counted for j in range(len(chunk))]  # padding rows run but do not count
-            loss_sum += float(self.objective(chunk, timer, keep=keep)[0])
-            tokens += sum(len(r.completion_ids) for r, k in zip(chunk, keep) if k)
+            n = max(0, min(len(chunk), counted - i))  # padding rows run but do not count
+            micro_batch = self.assembler.assemble(chunk, counted=n)
+            loss_sum += float(self.objective.loss(micro_batch, self.objective.teacher_targets(micro_batch)))
+            tokens += sum(len(r.completion_ids) for r in chunk[:n])
         stats = [loss_sum, tokens]
         greedy_rows = rows if self.has_answers else rows[:self.cfg.num_samples]
-        student_texts = self._greedy(self.student_gen, [r.prompt_ids for r in greedy_rows], self.tokenizer)
+        student_texts = self._greedy(self.student_generator, [r.prompt_ids for r in greedy_rows], self.tokenizer)
         if self._teacher is None:
-            teacher_texts = self._greedy(self.teacher_gen, [self.teacher_prompt_ids(r) for r in greedy_rows],
+            teacher_texts = self._greedy(self.teacher_generator,
+                                         [self.assembler.teacher_prompt_ids(r) for r in greedy_rows],
                                          self.teacher_tokenizer)
             correct = self._correct(rows, teacher_texts, counted) if self.has_answers else 0
             self._teacher = (correct, teacher_texts[:self.cfg.num_samples])

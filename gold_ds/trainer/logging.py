@@ -1,9 +1,51 @@
-"""Rank 0's outputs: a progress bar, a JSONL metrics file and Weights & Biases.
+"""Metrics: one step's record (``step_metrics``), and rank 0's outputs (a progress bar, a JSONL
+metrics file and Weights & Biases).
 
 Only rank 0 constructs a ``MetricsLogger`` with ``enabled=True``; on other ranks every call is a no-op.
+
+Metric names: plain for the step's headline figures (``loss``, ``tokens``, ``tokens_per_s``,
+``on_policy_share``, ``lr``), ``<group>/<name>`` for the rest: ``loss/on_policy``,
+``loss/off_policy``, ``time/<phase>``, ``align/...``, ``data/...``, ``eval/...``.
 """
 import json
 import os
+
+from .collective import global_max, global_sum
+
+PHASES = ("rollout", "teacher", "student", "optimizer")
+
+
+def step_metrics(*, flags, tokens, losses, counters, seconds, rollout, lr, step_seconds, device) -> dict:
+    """The record of one optimizer step. Called by every rank (sums and maxima over ranks).
+
+    ``flags``: on-policy per micro-step; ``tokens``: completion tokens per micro-step, all ranks;
+    ``losses``: this rank's summed loss per micro-step; ``counters``: this rank's micro batch counters
+    summed over the window; ``seconds``: this rank's time per phase; ``rollout``: the rollout's metrics.
+    Losses are per completion token (the window's normalization); times are the slowest rank's."""
+    total = sum(tokens)
+    on_tok = sum(t for t, on in zip(tokens, flags) if on)
+    keys = sorted(counters)
+    g = global_sum([sum(x for x, on in zip(losses, flags) if on), sum(x for x, on in zip(losses, flags) if not on)]
+                   + [float(counters[k]) for k in keys], device)
+    counted = dict(zip(keys, g[2:]))
+    times = global_max([seconds.get(k, 0.0) for k in PHASES], device)
+    out = {
+        "loss": (g[0] + g[1]) / total,
+        "loss/on_policy": g[0] / on_tok if on_tok else None,
+        "loss/off_policy": g[1] / (total - on_tok) if total > on_tok else None,
+        "tokens": int(total),
+        "tokens_per_s": total / step_seconds,
+        "on_policy_share": sum(flags) / len(flags),
+        "lr": lr,
+        **{f"time/{k}": t for k, t in zip(PHASES, times)},
+        "time/step": step_seconds,
+        **rollout,
+    }
+    if "align/total_bytes" in counted:  # across tokenizers
+        out.update({"align/coverage": counted["align/covered_bytes"] / max(counted["align/total_bytes"], 1.0),
+                    "align/groups_per_token": counted["align/groups"] / total,
+                    "align/unaligned_samples": int(counted["align/unaligned_samples"])})
+    return out
 
 
 class MetricsLogger:

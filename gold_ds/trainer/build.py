@@ -1,0 +1,82 @@
+"""Building a run's parts, in order, on every rank: ``build_trainer(cfg, resume).train()``.
+
+1. the micro-step assembler (tokenizers or processors, and the start-up checks that need them:
+   ``ConfigError`` before any process group exists);
+2. the process group, world-size checks, seeds;
+3. the data (encoded once with the student's side), the per-rank sampler, the metrics logger;
+4. teacher SFT when ``teacher.sft.max_steps`` > 0 (``teacher_sft.py``);
+5. the teacher's ZeRO-inference engine and the student's ZeRO-3 engine (collective);
+6. the objective, the student's rollout (``rollout.backend``), the teacher's generator, evaluation;
+7. with ``resume``: the latest checkpoint's engine, optimizer, RNG and trainer state.
+"""
+import os
+import random
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..config import validate_world
+from ..data import RankSampler, build_assembler, encode_dataset, read_rows
+from ..engine.checkpoint import latest_checkpoint, load_checkpoint
+from ..engine.models import build_inference_engine, build_training_engine
+from ..rollout.factory import build_rollout, transformers_generator
+from .collective import init_distributed
+from .evaluate import Evaluator
+from .logging import MetricsLogger
+from .loop import Trainer
+from .objective import build_objective
+from .teacher_sft import teacher_sft
+
+
+def _encode(cfg, side, source):
+    d = cfg.data
+    return encode_dataset(side, read_rows(source), max_prompt_length=d.max_prompt_length,
+                          max_completion_length=d.max_completion_length, on_bad_row=d.on_bad_row)
+
+
+def build_trainer(cfg, resume: bool = False) -> Trainer:
+    t_start = time.perf_counter()
+    assembler = build_assembler(cfg)
+    accelerator = init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    validate_world(cfg, world)
+    random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)
+    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+    resume_tag = latest_checkpoint(ckpt_root) if resume else None
+    if resume and resume_tag is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt_root}")
+
+    train_data = _encode(cfg, assembler.student, cfg.data.train)
+    eval_data = _encode(cfg, assembler.student, cfg.data.eval) if cfg.data.eval is not None else None
+    sampler = RankSampler(len(train_data), rank, world, cfg.seed, cfg.data.shuffle)
+    log = MetricsLogger(cfg, rank == 0, resumed=resume_tag is not None)
+    log.info(f"[gold_ds] {world} ranks on {accelerator.device_name()}; train data: {train_data.report()}")
+    if eval_data is not None:
+        log.info(f"[gold_ds] eval data: {eval_data.report()}")
+    if resume_tag is None:
+        log.log(0, {"data/train_rows": len(train_data), "data/truncated_completions": train_data.truncated_completions,
+                    **{f"data/bad_rows/{k}": v for k, v in train_data.bad_rows.items()}})
+
+    teacher_model = (teacher_sft(cfg, assembler, train_data, world, log, resumed=resume_tag is not None)
+                     if cfg.teacher.sft.max_steps > 0 else cfg.teacher.model)
+    ds = cfg.student.deepspeed
+    micro = ds["train_micro_batch_size_per_gpu"]
+    teacher = build_inference_engine(teacher_model, cfg.teacher.deepspeed, micro, world)
+    student = build_training_engine(cfg.student.model, ds, world)
+    objective = build_objective(cfg.distill, student, teacher, assembler, log.info)
+    rollout = build_rollout(cfg, student, assembler.student, micro)
+    teacher_generator = transformers_generator(cfg, teacher, assembler.teacher, micro)
+    evaluator = None
+    if eval_data is not None:  # evaluation generates with transformers whatever the rollout backend
+        evaluator = Evaluator(eval_data, cfg.eval, assembler, objective, student,
+                              transformers_generator(cfg, student, assembler.student, micro), teacher_generator,
+                              forward_batch=micro, generate_batch=micro * ds["gradient_accumulation_steps"])
+    trainer = Trainer(cfg, accelerator=accelerator, assembler=assembler, train_data=train_data, sampler=sampler,
+                      student=student, teacher=teacher, objective=objective, rollout=rollout,
+                      teacher_generator=teacher_generator, evaluator=evaluator, log=log, t_start=t_start)
+    if resume_tag is not None:
+        trainer.load_state_dict(load_checkpoint(student, ckpt_root, resume_tag))
+        log.info(f"[gold_ds] resumed from {os.path.join(ckpt_root, resume_tag)} at step {trainer.step}")
+    return trainer

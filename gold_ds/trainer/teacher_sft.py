@@ -1,0 +1,63 @@
+"""Teacher SFT: an optional supervised stage that fine-tunes the teacher on the training completions
+before distillation (``teacher.sft``), exports it, and hands distillation the exported model.
+
+Each row is the teacher's own rendering (``assembler.teacher_sample``). The loss is the teacher's
+cross-entropy per completion token, normalized per window like distillation (see ``loop.py``): each
+micro-step's summed loss times world / N, N the completion tokens of the window on all ranks.
+Called by every rank.
+"""
+import gc
+import os
+import time
+
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from ..data import RankSampler
+from ..engine.checkpoint import export_hf
+from ..engine.models import build_training_engine
+from .collective import global_sum
+
+
+def teacher_sft(cfg, assembler, train_data, world: int, log, resumed: bool) -> ModelConfig:
+    """Train, export to ``<output_dir>/teacher_sft`` and return its ``ModelConfig``. A resumed run
+    loads the export of its first session (the stage finished before the first checkpoint)."""
+    sft = cfg.teacher.sft
+    out_dir = os.path.join(cfg.output_dir, "teacher_sft")
+    exported = ModelConfig(name_or_path=out_dir, dtype=cfg.teacher.model.dtype,
+                           trust_remote_code=cfg.teacher.model.trust_remote_code, processor=cfg.teacher.model.processor)
+    if resumed:
+        if not os.path.isfile(os.path.join(out_dir, "config.json")):
+            raise FileNotFoundError(f"--resume: the teacher SFT export {out_dir} is missing")
+        log.info(f"[gold_ds] teacher SFT: resuming with {out_dir}")
+        return exported
+    engine = build_training_engine(cfg.teacher.model, sft.deepspeed, world)
+    micro, ga = sft.deepspeed["train_micro_batch_size_per_gpu"], sft.deepspeed["gradient_accumulation_steps"]
+    sampler = RankSampler(len(train_data), dist.get_rank(), world, cfg.seed + 1, cfg.data.shuffle)
+    side, vocab = assembler.teacher, len(assembler.teacher.tokenizer)
+    t_start = time.perf_counter()
+    for step in range(sft.max_steps):
+        window = [[assembler.teacher_sample(train_data.rows[i]) for i in sampler.take(micro)] for _ in range(ga)]
+        tokens = sum(global_sum([float(sum(len(s.completion_ids) for s in w)) for w in window], engine.device))
+        loss_sum = 0.0
+        for samples in window:
+            batch = {k: v.to(engine.device) for k, v in side.batch(samples).items()}
+            mask = batch["loss_mask"]
+            logits = engine(**{k: v for k, v in batch.items() if k != "loss_mask"}).logits[:, :-1]
+            loss = F.cross_entropy(logits[mask][:, :vocab].float(), batch["input_ids"][:, 1:][mask], reduction="sum")
+            engine.backward(loss * (world / tokens), scale_wrt_gas=False)
+            engine.step()
+            loss_sum += loss.item()
+        loss = global_sum([loss_sum], engine.device)[0] / tokens
+        if (step + 1) % cfg.logging.every == 0:
+            log.log(step + 1, {"loss": loss}, stage="teacher_sft")
+        if (step + 1) % max(1, sft.max_steps // 10) == 0:
+            log.info(f"[gold_ds] teacher SFT step {step + 1}/{sft.max_steps} loss {loss:.4f}")
+    export_hf(engine, side.preprocessor, out_dir)
+    log.info(f"[gold_ds] teacher SFT: {sft.max_steps} steps in {time.perf_counter() - t_start:.0f}s, "
+             f"exported to {out_dir}")
+    engine.destroy()
+    del engine
+    gc.collect()
+    return exported
