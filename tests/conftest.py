@@ -1,4 +1,5 @@
-"""Shared test helpers: a tiny preset, and running a function on N DeepSpeed ranks from pytest."""
+"""Shared test helpers: tiny model configs, a tiny preset, plain (unpartitioned) fp64 models, and
+running a function on N DeepSpeed ranks from pytest."""
 import copy
 import os
 import socket
@@ -14,11 +15,27 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def _llama(hidden, layers, heads):
-    return {"model_type": "llama", "vocab_size": 274, "hidden_size": hidden, "intermediate_size": 2 * hidden,
+def llama_config(hidden=32, layers=2, heads=2, vocab=274, max_positions=64) -> dict:
+    """A tiny Llama as a config dict (``ModelConfig.config``); vocab 274 is the arithmetic tokenizer's."""
+    return {"model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 2 * hidden,
             "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads,
-            "max_position_embeddings": 64, "tie_word_embeddings": False,
+            "max_position_embeddings": max_positions, "tie_word_embeddings": False,
             "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+
+
+def plain_model(config, state=None, seed=0, dtype="float64"):
+    """A plain (unpartitioned) causal LM in eval mode, fp64 by default, from a config (a dict with
+    ``model_type``, or a transformers config), with the weights ``state`` (else a seeded random init)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if isinstance(config, dict):
+        kw = dict(config)
+        config = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    if state is not None:
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    return model.to(getattr(torch, dtype)).eval()
 
 
 def ds_section(micro, ga, lr=1e-3):
@@ -32,9 +49,9 @@ def tiny_raw(output_dir, micro=2, ga=2, **top) -> dict:
     """A complete preset with tiny models (student 32 wide, teacher 64 wide) on the arithmetic task."""
     raw = {
         "name": "tiny", "output_dir": str(output_dir), "seed": 0, "max_steps": 2,
-        "student": {"model": {"config": _llama(32, 2, 2), "tokenizer": "builtin:arithmetic", "init_seed": 1},
+        "student": {"model": {"config": llama_config(32), "tokenizer": "builtin:arithmetic", "init_seed": 1},
                     "deepspeed": ds_section(micro, ga)},
-        "teacher": {"model": {"config": _llama(64, 2, 2), "tokenizer": "builtin:arithmetic", "init_seed": 7},
+        "teacher": {"model": {"config": llama_config(64), "tokenizer": "builtin:arithmetic", "init_seed": 7},
                     "deepspeed": {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}},
         "data": {"train": {"builtin": "arithmetic", "split": "train", "num_examples": 64},
                  "max_prompt_length": 32, "max_completion_length": 8},

@@ -2,8 +2,6 @@
 mistral-common's own piece tables, hand-worked examples, plain-Python grouping, fp64 autograd."""
 import importlib.util
 import math
-import os
-import shutil
 
 import pytest
 import torch
@@ -15,6 +13,8 @@ from transformers import PreTrainedTokenizer, PreTrainedTokenizerFast
 from gold_ds.align import (UnsupportedTokenizerError, byte_spans, group_spans, merge_log_scales, token_bytes,
                            tokenizer_family, vocabulary_map)
 from gold_ds.align import merge as merge_module
+
+from tokenizer_helpers import mistral_data, mistral_v1
 
 HAVE_MISTRAL = importlib.util.find_spec("mistral_common") is not None
 needs_mistral = pytest.mark.skipif(not HAVE_MISTRAL, reason="mistral-common (in the test extra) is not installed")
@@ -113,22 +113,9 @@ def wordpiece():
     return _train_wordpiece()
 
 
-def _mistral_data(name):
-    import mistral_common
-    return os.path.join(os.path.dirname(mistral_common.__file__), "data", name)
-
-
 @pytest.fixture(scope="module")
 def mistral(tmp_path_factory):
-    if not HAVE_MISTRAL:
-        pytest.skip("mistral-common is not installed")
-    from transformers import LlamaTokenizer
-    d = tmp_path_factory.mktemp("mistral_v1")
-    shutil.copy(_mistral_data("tokenizer.model.v1"), d / "tokenizer.model")
-    tok = LlamaTokenizer.from_pretrained(str(d), add_bos_token=True)
-    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
-                         " [/INST]{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
-                         "{% if add_generation_prompt %} {% endif %}")
+    tok = mistral_v1(tmp_path_factory.mktemp("mistral_v1"), chat_template=True)
     assert len(tok) == 32000 and tok("Hello world")["input_ids"] == [1, 22557, 1526]
     return tok
 
@@ -138,7 +125,7 @@ def tekken():
     if not HAVE_MISTRAL:
         pytest.skip("mistral-common is not installed")
     from transformers.integrations.mistral.tokenizer import MistralConverter
-    tok = PreTrainedTokenizerFast(tokenizer_object=MistralConverter(_mistral_data("tekken_240911.json")).converted())
+    tok = PreTrainedTokenizerFast(tokenizer_object=MistralConverter(mistral_data("tekken_240911.json")).converted())
     assert len(tok) == 131072 and tok("Hello world", add_special_tokens=False)["input_ids"] == [22177, 4304]
     return tok
 
@@ -192,7 +179,7 @@ def test_spans_match_independent_piece_tables(mistral, tekken, text):
     import sentencepiece as spm
     from mistral_common.tokens.tokenizers.tekken import Tekkenizer
     data = text.encode()
-    sp = spm.SentencePieceProcessor(model_file=_mistral_data("tokenizer.model.v1"))
+    sp = spm.SentencePieceProcessor(model_file=mistral_data("tokenizer.model.v1"))
     ids = mistral(text, add_special_tokens=False)["input_ids"]
     pieces = [bytes([int(p[3:5], 16)]) if sp.is_byte(i) else p.replace("▁", " ").encode()
               for i, p in zip(ids, map(sp.id_to_piece, ids))]
@@ -201,7 +188,7 @@ def test_spans_match_independent_piece_tables(mistral, tekken, text):
         pieces[0] = pieces[0][1:]
     spans = byte_spans(mistral, text=text)
     assert [data[a:b] for a, b in spans.tolist()] == pieces
-    tk = Tekkenizer.from_file(_mistral_data("tekken_240911.json")) if not hasattr(tekken, "_tk") else tekken._tk
+    tk = Tekkenizer.from_file(mistral_data("tekken_240911.json")) if not hasattr(tekken, "_tk") else tekken._tk
     tekken._tk = tk
     ids = tekken(text, add_special_tokens=False)["input_ids"]
     spans = byte_spans(tekken, ids=ids)
@@ -393,7 +380,8 @@ def test_normalizing_tokenizer_falls_back_to_offsets(bpe):
         assert (int(spans[a:b, 0].min()), int(spans[a:b, 1].max())) == (s, e)
     ids = nfkc(text, add_special_tokens=False)["input_ids"]
     assert nfkc.unk_token_id in ids                                       # é
-    assert token_bytes(nfkc, ids) == b"the fine fox 2 caf...".replace(b"caf", b"caf")
+    # ids mode: the NFKC-normalized text (ﬁ -> fi, ２ -> 2, … -> ...), but the unknown é has no bytes there
+    assert token_bytes(nfkc, ids) == b"the fine fox 2 caf..."
 
 
 # ---------------------------------------------------------------- groups
@@ -637,7 +625,7 @@ def test_vocabulary_map_real_pair(mistral, tekken):
     and mistral-common's own tables."""
     import sentencepiece as spm
     from mistral_common.tokens.tokenizers.tekken import Tekkenizer
-    sp = spm.SentencePieceProcessor(model_file=_mistral_data("tokenizer.model.v1"))
+    sp = spm.SentencePieceProcessor(model_file=mistral_data("tokenizer.model.v1"))
     student = {}
     for i in range(sp.get_piece_size()):
         if sp.is_control(i) or sp.is_unknown(i):
@@ -646,7 +634,7 @@ def test_vocabulary_map_real_pair(mistral, tekken):
         rank = (sp.is_byte(i), i)
         if piece not in student or rank < student[piece]:
             student[piece] = rank
-    tk = Tekkenizer.from_file(_mistral_data("tekken_240911.json"))
+    tk = Tekkenizer.from_file(mistral_data("tekken_240911.json"))
     teacher = {}
     for i in range(tk.num_special_tokens, tk.n_words):
         teacher.setdefault(tk.id_to_byte_piece(i, "keep"), i)

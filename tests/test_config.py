@@ -53,7 +53,6 @@ def _error(tmp_path, overrides=(), mutate=None):
     ("distill.loss=\"kl\"", ["distill.loss", "'kl'", "'jsd'"]),
     ("data.on_bad_row=\"skip\"", ["data.on_bad_row", "'skip'", "'report'", "'error'"]),
     ("distill.num_generations=3", ["distill.num_generations", "3", "must divide"]),
-    ("distill.generation_batch_size=3", ["distill.generation_batch_size", "3", "micro batch x GA", "use 4"]),
     ("student.deepspeed.zero_optimization.stage=2", ["student.deepspeed.zero_optimization.stage", "2", "3"]),
     ("student.deepspeed.train_micro_batch_size_per_gpu=0", ["train_micro_batch_size_per_gpu", "0", "positive"]),
     ("teacher.deepspeed.optimizer={\"type\": \"AdamW\"}", ["teacher.deepspeed.optimizer", "frozen"]),
@@ -84,13 +83,6 @@ def test_structural_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config(str(bad))
-
-
-def test_generation_batch_size_defaults_and_matches():
-    raw = tiny_raw("/tmp/x", micro=4, ga=2, distill={"num_generations": 2})
-    assert load_config(raw=raw).distill.generation_batch_size == 4  # 4 x 2 / 2
-    raw["distill"]["generation_batch_size"] = 4
-    assert load_config(raw=raw).distill.generation_batch_size == 4
 
 
 def test_world_size_checks(tmp_path):

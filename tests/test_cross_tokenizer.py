@@ -10,10 +10,12 @@ import torch
 
 from gold_ds.config.schema import DistillConfig
 from gold_ds.data.cross_tokenizer import CrossTokenizerAssembler
-from gold_ds.data.dataset import EncodedExample, Example, encode_example
+from gold_ds.data.dataset import Example, Sample
+from gold_ds.data.render import TextSide
 from gold_ds.data.tasks import arithmetic_rows, train_arithmetic_tokenizer, train_arithmetic_unigram_tokenizer
 
 import reference_losses as ref
+from tokenizer_helpers import mistral_v1
 
 
 def _pairs_tokenizer():
@@ -36,6 +38,14 @@ def _pairs_tokenizer():
                                    unk_token="<unk>", chat_template=template)
 
 
+def _encode(tokenizer, example):
+    return TextSide(tokenizer).encode(example)
+
+
+def _assembler(student, teacher):
+    return CrossTokenizerAssembler(TextSide(student), TextSide(teacher, "teacher.model.tokenizer"), 64)
+
+
 def _conversation(question, answer):
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
@@ -45,11 +55,11 @@ def _samples(tokenizer, n=4, truncate_last=True):
     out = []
     for r in rows:
         ex = Example(r["messages"][:1], r["answer"], r["answer"])
-        p, c = encode_example(tokenizer, ex)
-        out.append(EncodedExample(p, c, ex))
+        p, c = _encode(tokenizer, ex)
+        out.append(Sample(p, c, ex))
     if truncate_last:  # cut by the length limit: no EOS
         last = out[-1]
-        out[-1] = EncodedExample(last.prompt_ids, last.completion_ids[:1], last.example)
+        out[-1] = Sample(last.prompt_ids, last.completion_ids[:1], last.example)
     return out
 
 
@@ -57,9 +67,8 @@ def _samples(tokenizer, n=4, truncate_last=True):
 def test_teacher_inputs_are_the_teachers_own_template(student_name):
     student = train_arithmetic_unigram_tokenizer() if student_name == "unigram" else _pairs_tokenizer()
     teacher = train_arithmetic_tokenizer()
-    asm = CrossTokenizerAssembler(student, teacher)
     samples = _samples(student, truncate_last=False)
-    cb = asm.assemble(samples)
+    cb = _assembler(student, teacher).assemble(samples)
     for b, smp in enumerate(samples):
         conv = _conversation(smp.example.prompt[0]["content"], smp.example.completion)
         want = teacher.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]
@@ -69,46 +78,32 @@ def test_teacher_inputs_are_the_teachers_own_template(student_name):
         want_s = student.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]
         n = int(cb.student["attention_mask"][b].sum())
         assert cb.student["input_ids"][b, :n].tolist() == list(want_s)
-    assert cb.covered_bytes == cb.total_bytes == sum(len(s.example.completion) for s in samples)
-    assert cb.unaligned == 0
-
-
-def _mistral_v1(tmp_path):
-    """Mistral's real SentencePiece model (Metaspace, byte fallback) from the mistral-common package,
-    with a Llama-2 style template whose answer follows a space."""
-    mistral_common = pytest.importorskip("mistral_common")  # in the test extra
-    import os
-    import shutil
-    from transformers import LlamaTokenizer
-    shutil.copy(os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1"),
-                tmp_path / "tokenizer.model")
-    tok = LlamaTokenizer.from_pretrained(str(tmp_path), add_bos_token=True)
-    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
-                         " [/INST]{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
-    tok.pad_token = tok.eos_token  # as gold_ds.data.load_tokenizer does
-    return tok
+    c = cb.counters
+    assert c["align/covered_bytes"] == c["align/total_bytes"] == sum(len(s.example.completion) for s in samples)
+    assert c["align/unaligned_samples"] == 0
 
 
 def test_real_teacher_template_and_full_coverage(tmp_path):
     """A real pretrained teacher tokenizer (Mistral v1) and a byte-level BPE student: the teacher's
     inputs are its own apply_chat_template output, and every completion byte is aligned."""
-    teacher = _mistral_v1(tmp_path)
+    teacher = mistral_v1(tmp_path, chat_template=True)
     student = train_arithmetic_tokenizer()
     texts = ["Paris.", "Café au lait, s'il vous plaît.", "東京は日本の首都です。", "Done 🎉🚀!",
              "  two  spaces\n\nand lines", "3.14159 x 2 = 6.28318"]
     samples = []
     for i, text in enumerate(texts):
         ex = Example([{"role": "user", "content": f"Question {i}?"}], text)
-        samples.append(EncodedExample(*encode_example(student, ex), ex))
-    cb = CrossTokenizerAssembler(student, teacher).assemble(samples)
+        samples.append(Sample(*_encode(student, ex), ex))
+    cb = _assembler(student, teacher).assemble(samples)
     for b, smp in enumerate(samples):
         conv = smp.example.prompt + [{"role": "assistant", "content": smp.example.completion}]
         want = teacher.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]
         n = int(cb.teacher["attention_mask"][b].sum())
         assert cb.teacher["input_ids"][b, :n].tolist() == list(want)
-    assert cb.unaligned == 0
-    assert cb.covered_bytes == cb.total_bytes == sum(len(t.encode()) for t in texts)
-    assert len(cb.student_start) > len(texts)  # byte groups plus one end-of-turn group per sample
+    c = cb.counters
+    assert c["align/unaligned_samples"] == 0
+    assert c["align/covered_bytes"] == c["align/total_bytes"] == sum(len(t.encode()) for t in texts)
+    assert len(cb.alignment.student_start) > len(texts)  # byte groups plus one end-of-turn group per sample
 
 
 def _boundaries(tokenizer, ids):
@@ -137,12 +132,8 @@ def _reference_groups(student, teacher, s_ids, t_ids):
 
 
 def _tiny_llama(vocab, seed):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      pad_token_id=0, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).eval()
+    from conftest import llama_config, plain_model
+    model = plain_model(llama_config(vocab=vocab), seed=seed, dtype="float32")
     with torch.no_grad():  # sharper, less uniform distributions than the default init
         model.lm_head.weight.mul_(40)
     return model
@@ -158,11 +149,11 @@ def test_micro_step_loss_matches_fp64_reference(loss, student_name):
                                 divergence_weight=1.5)
         s_model, t_model = _tiny_llama(len(s_tok), 0), _tiny_llama(len(t_tok), 1)
         from gold_ds.trainer.objective import CrossTokenizerObjective
-        import time
-        obj = CrossTokenizerObjective(distill, s_model, t_model, s_tok, t_tok, time.perf_counter, lambda _: None)
+        asm = _assembler(s_tok, t_tok)
+        obj = CrossTokenizerObjective(distill, s_model, t_model, asm, lambda _: None)
         samples = _samples(s_tok)
-        timer = {"teacher": 0.0, "student": 0.0}
-        got, stats = obj(samples, timer)
+        mb = asm.assemble(samples)
+        got, stats = obj.loss(mb, obj.teacher_targets(mb)), mb.counters
         got.backward()
         got_grads = [p.grad.clone() for p in s_model.parameters()]
         s_model.zero_grad()
@@ -172,7 +163,7 @@ def test_micro_step_loss_matches_fp64_reference(loss, student_name):
         for smp in samples:
             finished = smp.completion_ids[-1] == s_tok.eos_token_id
             text = s_tok.decode(smp.completion_ids, skip_special_tokens=True)
-            tp, tc = encode_example(t_tok, Example(smp.example.prompt, text))
+            tp, tc = _encode(t_tok, Example(smp.example.prompt, text))
             if not finished:
                 tc = tc[:-1]
             s_logits = s_model(torch.tensor([smp.prompt_ids + smp.completion_ids])).logits[0].double()
@@ -208,35 +199,41 @@ def test_micro_step_loss_matches_fp64_reference(loss, student_name):
         assert all(p.grad is None for p in t_model.parameters())
 
 
-def _cross_trainer_run(tmp):
-    import torch.distributed as dist
+def _cross_raw(tmp, **distill):
     from conftest import ds_section, tiny_raw
-    from gold_ds.config import load_config
-    from gold_ds.trainer import Trainer
     raw = tiny_raw(tmp, max_steps=3)
     raw["student"]["model"]["config"].update(vocab_size=299)
     raw["student"]["model"]["tokenizer"] = "builtin:arithmetic-unigram"
     raw["teacher"]["sft"] = {"max_steps": 2, "deepspeed": ds_section(2, 1)}
-    raw["distill"] = {"loss": "hybrid_uld", "lmbda": 0.0, "ce_weight": 0.1}
+    raw["distill"] = {"loss": "hybrid_uld", "ce_weight": 0.1, **distill}
     raw["data"]["eval"] = {"builtin": "arithmetic", "split": "eval", "num_examples": 5}
     raw["eval"] = {"max_new_tokens": 4, "num_samples": 2}
-    tr = Trainer(load_config(raw=raw))
+    return raw
+
+
+def _cross_trainer_run(tmp):
+    import torch.distributed as dist
+    from gold_ds.config import load_config
+    from gold_ds.trainer import build_trainer
     # off-policy: digits and the end-of-turn pair align completely
+    tr = build_trainer(load_config(raw=_cross_raw(f"{tmp}/off", lmbda=0.0)))
     m = tr.train_step()
     assert m["align/coverage"] == 1.0 and m["align/unaligned_samples"] == 0
     assert math.isfinite(m["loss"]) and m["loss"] > 0
-    # on-policy with seq_kd and 2 samples per prompt: the student's samples are rendered for the teacher
-    tr.cfg.distill.lmbda, tr.cfg.distill.seq_kd, tr.cfg.distill.num_generations = 0.5, True, 2
+    tr.student.destroy()
+    tr.teacher.destroy()
+    # on-policy with seq_kd and 2 completions per prompt: the student's samples are rendered for the teacher
+    tr = build_trainer(load_config(raw=_cross_raw(f"{tmp}/on", lmbda=0.5, seq_kd=True, num_generations=2)))
     results = tr.train()
-    assert 0.0 <= results["after"]["accuracy"] <= 1.0 and 0.0 <= results["after"]["teacher_accuracy"] <= 1.0
     assert math.isfinite(results["after"]["loss"])
     if dist.get_rank() == 0:
-        rows = [json.loads(line) for line in open(f"{tmp}/metrics.jsonl")]
+        rows = [json.loads(line) for line in open(f"{tmp}/on/metrics.jsonl")]
         steps = [r for r in rows if "align/coverage" in r]
         assert steps and all(0.0 < r["align/coverage"] <= 1.0 for r in steps)
-        # the supervised teacher was exported with its own tokenizer
+        # the teacher after its SFT was exported with its own tokenizer
         from transformers import AutoTokenizer
-        assert AutoTokenizer.from_pretrained(f"{tmp}/teacher-sft").get_vocab() == tr.teacher_tokenizer.get_vocab()
+        exported = AutoTokenizer.from_pretrained(f"{tmp}/on/teacher_sft")
+        assert exported.get_vocab() == tr.assembler.teacher.tokenizer.get_vocab()
 
 
 def test_cross_tokenizer_trainer_two_ranks(tmp_path):
@@ -250,4 +247,4 @@ def test_unsupported_tokenizer_fails_at_start():
     from gold_ds.align import UnsupportedTokenizerError
     from test_align import CharTokenizer
     with pytest.raises(UnsupportedTokenizerError, match="CharTokenizer"):
-        CrossTokenizerAssembler(train_arithmetic_tokenizer(), CharTokenizer())
+        _assembler(train_arithmetic_tokenizer(), CharTokenizer())

@@ -4,7 +4,8 @@ import json
 import pytest
 
 from gold_ds.config import DatasetSource
-from gold_ds.data import (BadRowError, RankSampler, encode_dataset, read_rows, training_batch)
+from gold_ds.data import BadRowError, RankSampler, TextSide, read_rows, sequence_tensors
+from gold_ds.data import encode_dataset as _encode_dataset
 from gold_ds.data.builtin import builtin_tokenizer
 
 
@@ -18,6 +19,10 @@ CONV = [
     {"messages": [{"role": "system", "content": "add"}, {"role": "user", "content": "1+1="},
                   {"role": "assistant", "content": "2"}]},
 ]
+
+
+def encode_dataset(tok, rows, *args, **kw):
+    return _encode_dataset(TextSide(tok), rows, *args, **kw)
 
 
 def _write(tmp_path, name, rows):
@@ -53,7 +58,7 @@ def test_conversational_rows_from_local_files(tmp_path, tok, name):
 def test_label_mask_covers_exactly_the_completion(tok):
     data = encode_dataset(tok, CONV, 64, 16)
     seqs = [(r.prompt_ids, r.completion_ids) for r in data.rows]
-    b = training_batch(seqs, tok.pad_token_id)
+    b = sequence_tensors(seqs, tok.pad_token_id)
     for i, (p, c) in enumerate(seqs):
         predicted = b["input_ids"][i, 1:][b["loss_mask"][i]].tolist()  # row t predicts token t + 1
         assert predicted == list(c)

@@ -1,9 +1,11 @@
-"""The engine on 2 DeepSpeed ranks (gloo, CPU), spawned from pytest.
+"""The engine on 2 DeepSpeed ranks (gloo, CPU), spawned from pytest, each test a run of its own.
 
-test_engines_gradients_schedule: ZeRO-3 partitioning of both models, a frozen teacher, identical
-on/off-policy flags on all ranks, generation with uneven lengths, and the step's gradient: equal for
-GA=2 x micro 2 and GA=1 x micro 4, and equal to an fp64 reference of the mean per-token generalized
-JSD over the whole window of both ranks (computed here from the plain formula).
+test_step_gradient: the step's gradient is equal for GA=2 x micro 2 and GA=1 x micro 4, and equal to
+an fp64 reference of the mean per-token generalized JSD over the whole window of both ranks
+(``reference_losses``, the plain formula).
+test_partitioning: ZeRO-3 partitioning of both models, at construction and in the engines; a frozen
+teacher. test_schedule: identical on/off-policy flags on all ranks. test_uneven_generation:
+generation with uneven lengths. test_rollouts: num_generations=2 and seq_kd, one rollout call each.
 
 test_resume_export_wandb: a run resumed from a checkpoint reproduces the uninterrupted run's next
 losses exactly; the export reloads with from_pretrained and gives the engine's logits; W&B offline
@@ -15,43 +17,27 @@ import os
 
 import torch
 
-from conftest import run_ranks, tiny_raw
+import reference_losses as ref
+from conftest import plain_model, run_ranks, tiny_raw
 
 WORLD = 2
 
 
-def _jsd_fp64(s_logits, t_logits, beta, temperature):
-    """Plain generalized JSD per row, fp64: beta*KL(Pt||M) + (1-beta)*KL(Ps||M), M = beta*Pt + (1-beta)*Ps."""
-    ls = torch.log_softmax(s_logits / temperature, -1)
-    lt = torch.log_softmax(t_logits / temperature, -1)
-    m = beta * lt.exp() + (1 - beta) * ls.exp()
-    kl_t = (lt.exp() * (lt - m.log())).sum(-1)
-    kl_s = (ls.exp() * (ls - m.log())).sum(-1)
-    return beta * kl_t + (1 - beta) * kl_s
-
-
-def _plain_model(model_cfg, state):
-    from transformers import AutoConfig, AutoModelForCausalLM
-    kw = dict(model_cfg.config)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kw.pop("model_type"), **kw))
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    return model.double()
-
-
-def _engines_gradients_schedule(tmp):
-    import torch.distributed as dist
+def _trainer(tmp, name, **top):
     from gold_ds.config import load_config
+    from gold_ds.trainer import build_trainer
+    cfg = load_config(raw=tiny_raw(os.path.join(tmp, name), **top))
+    return build_trainer(cfg)
+
+
+def _step_gradient(tmp):
+    import torch.distributed as dist
     from gold_ds.data import RankSampler
-    from gold_ds.engine import local_parameter_share
-    from gold_ds.trainer import Trainer
 
     grads_of, reference = {}, None
     for name, micro, ga in (("ga2x2", 2, 2), ("ga1x4", 4, 1)):
-        raw = tiny_raw(os.path.join(tmp, name), micro=micro, ga=ga,
-                       distill={"beta": 0.3, "temperature": 1.5, "lmbda": 0.0})
-        cfg = load_config(raw=raw)
-        tr = Trainer(cfg)
-        rank = dist.get_rank()
+        tr = _trainer(tmp, name, micro=micro, ga=ga, distill={"beta": 0.3, "temperature": 1.5, "lmbda": 0.0})
+        cfg, rank = tr.cfg, dist.get_rank()
         grads = _capture_step_gradients(tr.student)
         before = tr.student._zero3_consolidated_16bit_state_dict()
         teacher_state = tr.teacher._zero3_consolidated_16bit_state_dict()
@@ -61,18 +47,8 @@ def _engines_gradients_schedule(tmp):
         dist.all_gather_object(window, [(rows[i].prompt_ids, rows[i].completion_ids) for i in idx])
         tr.train_step()
         grads_of[name] = dict(grads)
-
-        if name == "ga2x2":
-            # each rank holds ~1/world of each model; the teacher is frozen and never gets a grad
-            for engine in (tr.student, tr.teacher):
-                assert abs(local_parameter_share(engine) - 1 / WORLD) < 0.02, local_parameter_share(engine)
-            assert all(not p.requires_grad and p.grad is None for p in tr.teacher.module.parameters())
-            _check_partitioned_at_construction(cfg)
-            _check_schedule(tr)
-            _check_uneven_generation(tr)
-            _check_rollouts(tr)
-            if rank == 0:
-                reference = _reference_gradient(cfg, before, teacher_state, [s for w in window for s in w])
+        if name == "ga2x2" and rank == 0:
+            reference = _reference_gradient(cfg, before, teacher_state, [s for w in window for s in w])
         tr.student.destroy()
         tr.teacher.destroy()
 
@@ -101,8 +77,8 @@ def _capture_step_gradients(engine):
 
 def _reference_gradient(cfg, student_state, teacher_state, sequences):
     """d/dW of (sum over all completion tokens of both ranks of the JSD) / (their number), fp64."""
-    student = _plain_model(cfg.student.model, student_state)
-    teacher = _plain_model(cfg.teacher.model, teacher_state)
+    student = plain_model(cfg.student.model.config, student_state)
+    teacher = plain_model(cfg.teacher.model.config, teacher_state)
     total, n = 0.0, 0
     for prompt, completion in sequences:
         ids = torch.tensor([list(prompt) + list(completion)])
@@ -110,17 +86,28 @@ def _reference_gradient(cfg, student_state, teacher_state, sequences):
         with torch.no_grad():
             t = teacher(input_ids=ids).logits[0, rows]
         s = student(input_ids=ids).logits[0, rows]
-        total = total + _jsd_fp64(s, t, cfg.distill.beta, cfg.distill.temperature).sum()
+        total = total + ref.generalized_jsd(s, t, cfg.distill.beta, cfg.distill.temperature, reduction="sum")
         n += len(completion)
     (total / n).backward()
     return {k: p.grad.detach() for k, p in student.named_parameters()}
 
 
-def _check_partitioned_at_construction(cfg):
+def test_step_gradient(tmp_path):
+    run_ranks(_step_gradient, WORLD, str(tmp_path), err_dir=str(tmp_path / "errors"))
+
+
+def _partitioning(tmp):
     """Models are built partitioned (zero.Init): before deepspeed.initialize, each rank's parameters
-    are already placeholders holding ~1/world of the values, never a full copy."""
+    are already placeholders holding ~1/world of the values, never a full copy; in the engines each
+    rank holds ~1/world of each model; the teacher is frozen and never gets a gradient."""
+    from gold_ds.engine import local_parameter_share
     from gold_ds.engine.models import build_model, training_ds_config
-    model = build_model(cfg.student.model, training_ds_config(cfg.student.deepspeed, WORLD))
+    tr = _trainer(tmp, "run")
+    tr.train_step()
+    for engine in (tr.student, tr.teacher):
+        assert abs(local_parameter_share(engine) - 1 / WORLD) < 0.02, local_parameter_share(engine)
+    assert all(not p.requires_grad and p.grad is None for p in tr.teacher.module.parameters())
+    model = build_model(tr.cfg.student.model, training_ds_config(tr.cfg.student.deepspeed, WORLD))
     params = list(model.parameters())
     assert all(p.numel() == 0 for p in params)  # no full tensor anywhere
     local = sum(p.ds_tensor.numel() for p in params)
@@ -128,13 +115,16 @@ def _check_partitioned_at_construction(cfg):
     assert abs(local / full - 1 / WORLD) < 0.02
 
 
-def _check_schedule(tr):
+def test_partitioning(tmp_path):
+    run_ranks(_partitioning, WORLD, str(tmp_path), err_dir=str(tmp_path / "errors"))
+
+
+def _schedule(tmp):
     """Flags are drawn on rank 0 and broadcast: identical on every rank although the ranks' own RNGs
     differ; with lmbda=0.5 over many steps both kinds occur."""
     import torch.distributed as dist
-    tr.cfg.distill.lmbda = 0.5
+    tr = _trainer(tmp, "run", distill={"lmbda": 0.5})
     flags = [tr._draw_policy(step) for step in range(40)]
-    tr.cfg.distill.lmbda = 0.0
     everyone = [None] * WORLD
     dist.all_gather_object(everyone, flags)
     assert everyone[0] == everyone[1]
@@ -145,34 +135,40 @@ def _check_schedule(tr):
     assert local_rng[0] != local_rng[1]
 
 
-def _check_uneven_generation(tr):
+def test_schedule(tmp_path):
+    run_ranks(_schedule, WORLD, str(tmp_path), err_dir=str(tmp_path / "errors"))
+
+
+def _uneven_generation(tmp):
     """Rank 0 stops after one token, rank 1 runs to the limit: synced generation neither hangs nor crashes."""
     import torch.distributed as dist
-    gen = tr.student_gen
+    tr = _trainer(tmp, "run")
+    gen = tr.rollout
     rank = dist.get_rank()
     prompts = [r.prompt_ids for r in tr.train_data.rows[rank * 3:rank * 3 + 2 + rank]]  # 2 vs 3 prompts
     first = gen.generate(prompts, 1, greedy=True, max_new_tokens=6)
-    eos = gen.eos_id
     if rank == 0:
         gen.eos_id = first[0][0]  # the first greedy token of prompt 0 now ends it at once
     else:
-        unused = set(range(len(tr.tokenizer))) - {t for c in first for t in c}
-        gen.eos_id = min(unused)  # never produced greedily: every sample runs to the limit
+        unused = set(range(len(tr.assembler.student.tokenizer))) - {t for c in first for t in c}
+        gen.eos_id = min(unused)  # never produced greedily: every completion runs to the limit
     out = gen.generate(prompts, 1, greedy=True, max_new_tokens=6)
-    gen.eos_id = eos
     if rank == 0:
         assert len(out[0]) == 1
     else:
         assert [len(c) for c in out] == [6, 6, 6]
 
 
-def _check_rollouts(tr):
+def test_uneven_generation(tmp_path):
+    run_ranks(_uneven_generation, WORLD, str(tmp_path), err_dir=str(tmp_path / "errors"))
+
+
+def _rollouts(tmp):
     """num_generations=2 and seq_kd: one student call per window with every on-policy prompt (micro/2
-    per on-policy micro-step, 2 samples each), one teacher call with every off-policy prompt; the
+    per on-policy micro-step, 2 completions each), one teacher call with every off-policy prompt; the
     window trains exactly the sampled tokens."""
     import torch.distributed as dist
-    d = tr.cfg.distill
-    d.num_generations, d.seq_kd, d.lmbda = 2, True, 0.5
+    tr = _trainer(tmp, "run", distill={"lmbda": 0.5, "num_generations": 2, "seq_kd": True})
     calls = []
 
     def recording(who, generate):
@@ -181,16 +177,16 @@ def _check_rollouts(tr):
             calls.append((who, len(prompts), g, sum(len(c) for c in out)))
             return out
         return call
-    tr.student_gen.generate = recording("student", tr.student_gen.generate)
-    tr.teacher_gen.generate = recording("teacher", tr.teacher_gen.generate)
+    tr.rollout.generate = recording("student", tr.rollout.generate)
+    tr.teacher_generator.generate = recording("teacher", tr.teacher_generator.generate)
     kinds = set()
     for _ in range(6):
         flags = tr._draw_policy(tr.step)
         calls.clear()
         metrics = tr.train_step()
         n_on = sum(flags)
-        expected = ([("student", n_on * tr.micro // 2, 2)] if n_on else []) + \
-                   ([("teacher", (tr.ga - n_on) * tr.micro, 1)] if n_on < tr.ga else [])
+        expected = ([("student", n_on * tr.micro_batch_size // 2, 2)] if n_on else []) + \
+                   ([("teacher", (tr.ga - n_on) * tr.micro_batch_size, 1)] if n_on < tr.ga else [])
         assert [c[:3] for c in calls] == expected, (calls, expected)
         sampled = torch.tensor([float(sum(c[3] for c in calls))])
         dist.all_reduce(sampled)
@@ -200,8 +196,8 @@ def _check_rollouts(tr):
     assert len(kinds) > 1
 
 
-def test_engines_gradients_schedule(tmp_path):
-    run_ranks(_engines_gradients_schedule, WORLD, str(tmp_path), err_dir=str(tmp_path / "errors"))
+def test_rollouts(tmp_path):
+    run_ranks(_rollouts, WORLD, str(tmp_path), err_dir=str(tmp_path / "errors"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -213,7 +209,7 @@ def _losses(out_dir):
 def _resume_export_wandb(tmp):
     import torch.distributed as dist
     from gold_ds.config import load_config
-    from gold_ds.trainer import Trainer
+    from gold_ds.trainer import build_trainer
 
     def preset(out, **kw):
         raw = tiny_raw(out, **kw)
@@ -225,12 +221,12 @@ def _resume_export_wandb(tmp):
 
     interrupted = os.path.join(tmp, "interrupted")
     whole = os.path.join(tmp, "whole")
-    Trainer(load_config(raw=preset(interrupted, max_steps=2, checkpoint={"every": 2, "keep_last": 1}))).train()
-    Trainer(load_config(raw=preset(interrupted, max_steps=4)), resume=True).train()
+    build_trainer(load_config(raw=preset(interrupted, max_steps=2, checkpoint={"every": 2, "keep_last": 1}))).train()
+    build_trainer(load_config(raw=preset(interrupted, max_steps=4)), resume=True).train()
     raw = preset(whole, max_steps=4, export={"enabled": True}, eval={"every": 2, "num_samples": 4},
                  logging={"progress_bar": False, "wandb": {"enabled": True, "mode": "offline", "project": "t"}})
     raw["data"]["eval"] = {"builtin": "arithmetic", "split": "eval", "num_examples": 4}
-    tr = Trainer(load_config(raw=raw))
+    tr = build_trainer(load_config(raw=raw))
     tr.train()
 
     probe = torch.tensor([tr.train_data.rows[0].prompt_ids + tr.train_data.rows[0].completion_ids])
@@ -251,7 +247,7 @@ def _resume_export_wandb(tmp):
             diff = (exported(input_ids=probe).logits - engine_logits).abs().max().item()
         assert diff <= 1e-6, f"exported model's logits differ by {diff:.2e}"
         tok = AutoTokenizer.from_pretrained(os.path.join(whole, "export"))
-        assert tok.get_vocab() == tr.tokenizer.get_vocab()
+        assert tok.get_vocab() == tr.assembler.student.tokenizer.get_vocab()
 
         runs = glob.glob(os.path.join(whole, "wandb", "offline-run-*", "run-*.wandb"))
         assert len(runs) == 1, runs
@@ -265,7 +261,7 @@ def _resume_export_wandb(tmp):
             assert key in history[4], key
         assert all("eval/accuracy" in history[step] for step in (0, 2, 4))  # before, every 2 steps, after
         assert history[0]["data/train_rows"] == 64 and history[0]["data/truncated_completions"] == 0
-        assert history[4]["eval/samples/_type"] == "table-file" and history[4]["eval/samples/nrows"] == 4
+        assert history[4]["eval/completions/_type"] == "table-file" and history[4]["eval/completions/nrows"] == 4
 
 
 def _wandb_records(path):

@@ -36,7 +36,7 @@ def test_deepspeed_launcher_two_ranks(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert _steps(tmp_path) == [1, 2]
     assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
-    assert (tmp_path / "run" / "teacher-sft" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "teacher_sft" / "model.safetensors").is_file()
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         sft_steps = [r["stage_step"] for r in map(json.loads, f) if r.get("stage") == "teacher_sft"]
     assert sft_steps == [1, 2, 3]
@@ -54,6 +54,18 @@ def test_two_nodes_on_loopback(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
     assert _steps(tmp_path) == [1, 2]
     assert "2 ranks on cpu" in outs[0]
+
+
+def test_start_up_check_fails_with_one_message(tmp_path):
+    """A check that needs the tokenizers (jsd with two vocabularies), through the deepspeed launcher on
+    2 ranks: one message, no traceback, exit code 2."""
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, "--config", _preset(tmp_path),
+           "student.model.tokenizer=builtin:arithmetic-unigram", "student.model.config.vocab_size=299"]
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text[-3000:]
+    assert text.count("gold_ds: config key 'distill.loss': got 'jsd'") == 1, text[-3000:]
+    assert "Traceback" not in text and "different vocabularies" in text
 
 
 def test_bad_override_fails_at_start(tmp_path):

@@ -1,20 +1,18 @@
 """Vocab-sharded losses on 2 and 3 gloo ranks (CPU) against the unsharded library result.
 
-One torch.multiprocessing spawn per world size runs every case; each rank builds the full tensors
-from a shared seed, computes the unsharded loss, then the sharded one on its own (uneven) vocabulary
-slices, and checks the loss and its slice of every gradient at 1e-6 relative (relative to the
-largest entry), with every input needing a gradient and with only the student's. bf16 cases: the fp32 math may sum in another order across shards, so gradients,
-returned rounded to bf16, may differ by one bf16 step: 2**-7 there.
+One set of spawned ranks per world size (conftest's ``run_ranks``) runs every case; each rank builds
+the full tensors from a shared seed, computes the unsharded loss, then the sharded one on its own
+(uneven) vocabulary slices, and checks the loss and its slice of every gradient at 1e-6 relative
+(relative to the largest entry), with every input needing a gradient and with only the student's.
+bf16 cases: the fp32 math may sum in another order across shards, so gradients, returned rounded to
+bf16, may differ by one bf16 step: 2**-7 there.
 """
-
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import run_ranks
 from gold_ds.losses import generalized_jsd, hybrid_uld, uld
 
 ROWS = (3, 5)
@@ -36,7 +34,7 @@ def shard(x, sizes, rank):
 def close(got, want, what, tol):
     scale = want.double().abs().max().clamp_min(1e-30)
     err = ((got.double() - want.double()).abs().max() / scale).item()
-    assert err <= tol, f"{what}: relative error {err:.2e}"
+    assert err <= tol, f"rank {dist.get_rank()} of {dist.get_world_size()}, {what}: relative error {err:.2e}"
 
 
 def cases(gen):
@@ -59,52 +57,39 @@ def cases(gen):
                                                       chunk_size=4), 47, 61, f32
 
 
-def worker(rank, world, port, failures):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        gen = torch.Generator().manual_seed(1234)
-        for name, fn, kwargs, vs, vt, dtype in cases(gen):
-            s = (torch.randn(*ROWS, vs, generator=gen) * 2).to(dtype)
-            t = (torch.randn(*ROWS, vt, generator=gen) * 2).to(dtype)
-            tol = 1e-6 if dtype == torch.float32 else 2 ** -7
-            scales = {}
-            if fn is not generalized_jsd:
-                scales = dict(student_log_scale=torch.randn(ROWS, generator=gen) * 0.3,
-                              teacher_log_scale=torch.randn(ROWS, generator=gen) * 0.3)
-            full = [x.clone().requires_grad_() for x in (s, t, *scales.values())]
-            want = fn(full[0], full[1], **dict(zip(scales, full[2:])), **kwargs)
-            want_grads = torch.autograd.grad(want, full)
-            s_sizes, t_sizes = split_sizes(vs, world), split_sizes(vt, world)
-            mine = [shard(s, s_sizes, rank), shard(t, t_sizes, rank), *scales.values()]
-            mine = [x.clone().requires_grad_() for x in mine]
-            got = fn(mine[0], mine[1], **dict(zip(scales, mine[2:])), **kwargs, group=dist.group.WORLD)
-            got_grads = torch.autograd.grad(got, mine)
-            close(got, want, f"{name}: loss", 1e-6)
-            close(got_grads[0], shard(want_grads[0], s_sizes, rank), f"{name}: student grad", tol)
-            close(got_grads[1], shard(want_grads[1], t_sizes, rank), f"{name}: teacher grad", tol)
-            for key, g, w in zip(scales, got_grads[2:], want_grads[2:]):
-                close(g, w, f"{name}: {key} grad", tol)
-            # the distillation case: only the student needs a gradient (teacher work is skipped)
-            student = mine[0].detach().requires_grad_()
-            got = fn(student, mine[1].detach(), **scales, **kwargs, group=dist.group.WORLD)
-            (got_grad,) = torch.autograd.grad(got, student)
-            close(got_grad, shard(want_grads[0], s_sizes, rank), f"{name}: student-only grad", tol)
-    except AssertionError as e:
-        failures.put(f"rank {rank} of {world}: {e}")
-    dist.barrier()
-    dist.destroy_process_group()
+def worker():
+    """One rank (run_ranks has set the launcher's env: RANK, WORLD_SIZE, MASTER_*); a failed check raises."""
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gen = torch.Generator().manual_seed(1234)
+    for name, fn, kwargs, vs, vt, dtype in cases(gen):
+        s = (torch.randn(*ROWS, vs, generator=gen) * 2).to(dtype)
+        t = (torch.randn(*ROWS, vt, generator=gen) * 2).to(dtype)
+        tol = 1e-6 if dtype == torch.float32 else 2 ** -7
+        scales = {}
+        if fn is not generalized_jsd:
+            scales = dict(student_log_scale=torch.randn(ROWS, generator=gen) * 0.3,
+                          teacher_log_scale=torch.randn(ROWS, generator=gen) * 0.3)
+        full = [x.clone().requires_grad_() for x in (s, t, *scales.values())]
+        want = fn(full[0], full[1], **dict(zip(scales, full[2:])), **kwargs)
+        want_grads = torch.autograd.grad(want, full)
+        s_sizes, t_sizes = split_sizes(vs, world), split_sizes(vt, world)
+        mine = [shard(s, s_sizes, rank), shard(t, t_sizes, rank), *scales.values()]
+        mine = [x.clone().requires_grad_() for x in mine]
+        got = fn(mine[0], mine[1], **dict(zip(scales, mine[2:])), **kwargs, group=dist.group.WORLD)
+        got_grads = torch.autograd.grad(got, mine)
+        close(got, want, f"{name}: loss", 1e-6)
+        close(got_grads[0], shard(want_grads[0], s_sizes, rank), f"{name}: student grad", tol)
+        close(got_grads[1], shard(want_grads[1], t_sizes, rank), f"{name}: teacher grad", tol)
+        for key, g, w in zip(scales, got_grads[2:], want_grads[2:]):
+            close(g, w, f"{name}: {key} grad", tol)
+        # the distillation case: only the student needs a gradient (teacher work is skipped)
+        student = mine[0].detach().requires_grad_()
+        got = fn(student, mine[1].detach(), **scales, **kwargs, group=dist.group.WORLD)
+        (got_grad,) = torch.autograd.grad(got, student)
+        close(got_grad, shard(want_grads[0], s_sizes, rank), f"{name}: student-only grad", tol)
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_sharded_matches_unsharded(world):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    failures = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(worker, args=(world, port, failures), nprocs=world)
-    found = []
-    while not failures.empty():
-        found.append(failures.get())
-    assert not found, "\n".join(found)
+def test_sharded_matches_unsharded(world, tmp_path):
+    run_ranks(worker, world, err_dir=str(tmp_path))

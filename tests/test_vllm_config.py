@@ -11,17 +11,17 @@ from gold_ds.config import ConfigError, load_config, validate_world
 
 @pytest.mark.parametrize("override,words", [
     ("rollout.backend=vllm", ["rollout.backend", "'vllm_colocate'", "'vllm_server'"]),
-    ("rollout.vllm.sleep_level=3", ["rollout.vllm.sleep_level", "3", "0 (never sleep)"]),
-    ("rollout.vllm.gpu_memory_utilization=1.5", ["rollout.vllm.gpu_memory_utilization", "(0, 1]"]),
-    ("rollout.vllm.tensor_parallel_size=0", ["rollout.vllm.tensor_parallel_size", "positive"]),
-    ("rollout.vllm.max_model_len=16", ["rollout.vllm.max_model_len", "16", "36"]),
-    ("rollout.vllm.kv_cache_memory_bytes=-1", ["rollout.vllm.kv_cache_memory_bytes"]),
+    ("rollout.colocate.sleep_level=3", ["rollout.colocate.sleep_level", "3", "0 (never sleep)"]),
+    ("rollout.colocate.gpu_memory_utilization=1.5", ["rollout.colocate.gpu_memory_utilization", "(0, 1]"]),
+    ("rollout.colocate.tensor_parallel_size=0", ["rollout.colocate.tensor_parallel_size", "positive"]),
+    ("rollout.colocate.max_model_len=16", ["rollout.colocate.max_model_len", "16", "36"]),
+    ("rollout.colocate.kv_cache_memory_bytes=-1", ["rollout.colocate.kv_cache_memory_bytes"]),
     ("rollout.sync_every=0", ["rollout.sync_every", "positive"]),
     ("rollout.sync_bucket_mb=0", ["rollout.sync_bucket_mb"]),
     ("rollout.stop_token_ids=[1,-2]", ["rollout.stop_token_ids", "token ids"]),
     ("rollout.server.url=localhost:8000", ["rollout.server.url", "http://"]),
     ("rollout.server.timeout_s=0", ["rollout.server.timeout_s"]),
-    ("rollout.vllm.unknown=1", ["rollout.vllm.unknown", "sleep_level"]),
+    ("rollout.colocate.unknown=1", ["rollout.colocate.unknown", "sleep_level"]),
 ])
 def test_invalid_vllm_values(tmp_path, override, words):
     with pytest.raises(ConfigError) as e:
@@ -32,17 +32,17 @@ def test_invalid_vllm_values(tmp_path, override, words):
 
 def test_sleep_level_2_needs_sync_every_step(tmp_path):
     with pytest.raises(ConfigError, match="rollout.sync_every.*sleep_level 2"):
-        load_config(raw=tiny_raw(tmp_path), overrides=["rollout.vllm.sleep_level=2", "rollout.sync_every=2"])
-    cfg = load_config(raw=tiny_raw(tmp_path), overrides=["rollout.vllm.sleep_level=2"])
-    assert cfg.rollout.vllm.sleep_level == 2 and cfg.rollout.sync_every == 1
+        load_config(raw=tiny_raw(tmp_path), overrides=["rollout.colocate.sleep_level=2", "rollout.sync_every=2"])
+    cfg = load_config(raw=tiny_raw(tmp_path), overrides=["rollout.colocate.sleep_level=2"])
+    assert cfg.rollout.colocate.sleep_level == 2 and cfg.rollout.sync_every == 1
 
 
 def test_tensor_parallel_divides_world(tmp_path):
-    cfg = load_config(raw=tiny_raw(tmp_path), overrides=["rollout.vllm.tensor_parallel_size=2"])
+    cfg = load_config(raw=tiny_raw(tmp_path), overrides=["rollout.colocate.tensor_parallel_size=2"])
     validate_world(cfg, 4)  # the transformers backend ignores it
     cfg.rollout.backend = "vllm_colocate"
     validate_world(cfg, 4)
-    with pytest.raises(ConfigError, match="rollout.vllm.tensor_parallel_size.*divide the number of ranks \\(3\\)"):
+    with pytest.raises(ConfigError, match="rollout.colocate.tensor_parallel_size.*divide the number of ranks \\(3\\)"):
         validate_world(cfg, 3)
 
 

@@ -97,7 +97,7 @@ def _server_mode(tmp, url):
     assert len(samples) == 2 * len(prompts) and all(1 <= len(c) <= 6 for c in samples)
     assert gen.loaded_tensors == len(list(engine.module.parameters()))
     if rank == 0:
-        assert gen.events == ["/collective_rpc", "/reset_prefix_cache", f"load({gen.loaded_tensors})",
+        assert list(gen.events) == ["/collective_rpc", "/reset_prefix_cache", f"load({gen.loaded_tensors})",
                               "/v1/completions"], gen.events
     seqs = [p + c for i, p in enumerate(prompts) for c in samples[2 * i:2 * i + 2]]
     plens = [len(p) for p in prompts for _ in range(2)]

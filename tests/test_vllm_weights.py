@@ -42,11 +42,35 @@ def test_names_and_lora_merge():
         "model.layers.0.mlp.up_proj.weight"
 
 
+def _units_and_bytes(bucket):
+    """A yielded bucket's units, each with the bytes of its yielded tensors: the LoRA layer q_proj's
+    tensors together are one unit, every other tensor one of its own."""
+    units = {}
+    for name, t in bucket:
+        unit = "q_proj" if name.startswith("q_proj.") else name
+        units[unit] = units.get(unit, 0) + t.numel() * t.element_size()
+    return units
+
+
 def test_buckets_are_bounded_and_keep_lora_layers_whole():
     outer, _ = _peft_like()
     limit = 16 * 16 * 4 + 100  # about one 16x16 fp32 matrix
     buckets = [[n for n, _ in b] for b in gathered_weight_buckets(outer, limit)]
-    sizes = {n: p.numel() * 4 for n, p in outer.named_parameters()}
     assert len(buckets) == 3  # embed (alone: larger than the limit), q_proj layer (all its parts), lm_head
     assert ["q_proj.weight", "q_proj.bias"] in buckets
-    assert sizes["base_model.model.embed.weight"] > limit
+    # Yielded bytes: embed and lm_head 3200 each, q_proj 1088 (1600 with its adapters). At each limit a
+    # bucket of several units holds at most `limit` bytes, and a unit larger than the limit is alone.
+    seen = {"several units": 0, "a unit over the limit": 0}
+    for limit in (limit, 1024, 3200, 4800, 6400, 1 << 20):
+        names = []
+        for bucket in gathered_weight_buckets(outer, limit):
+            units = _units_and_bytes(bucket)
+            names += [n for n, _ in bucket]
+            if max(units.values()) > limit:
+                seen["a unit over the limit"] += 1
+                assert len(units) == 1, (limit, units)
+            if len(units) > 1:
+                seen["several units"] += 1
+                assert sum(units.values()) <= limit, (limit, units)
+        assert sorted(names) == ["embed.weight", "lm_head.weight", "q_proj.bias", "q_proj.weight"]
+    assert min(seen.values()) > 0, seen  # both cases were met

@@ -16,9 +16,11 @@ import torch
 
 from conftest import REPO, run_ranks
 from gold_ds.config import ConfigError, load_config
-from gold_ds.data.dataset import BadRowError, EncodedExample, encode_dataset
+from gold_ds.data import TextSide, build_assembler
+from gold_ds.data.cross_tokenizer import CrossTokenizerAssembler
+from gold_ds.data.dataset import BadRowError, Sample, encode_dataset
 from gold_ds.data import vlm as vlm_mod
-from gold_ds.data.vlm import PIXELS, VLMConfigError, VLMCrossTokenizerAssembler, VLMPair, VLMSide, load_processor
+from gold_ds.data.vlm import PIXELS, VLMSide, load_processor
 from gold_ds.data.vlm_tasks import shapes_rows
 
 PRESETS = {n: os.path.join(REPO, "ds_configs", f"vlm-{n}.json") for n in ("same-family-jsd", "cross-family-uld")}
@@ -69,7 +71,7 @@ def test_raw_images_inputs_and_label_masks(name, tmp_path, monkeypatch):
     side = _side(name)
     rows = _mixed_rows(tmp_path)
     raw = [r["images"][0] for r in rows]
-    data = side.encode_dataset(rows, max_prompt_length=64, max_completion_length=10)
+    data = encode_dataset(side, rows, max_prompt_length=64, max_completion_length=10)
     assert [r.example.images[0] for r in data.rows] == raw and all(
         r.example.images[0] is im for r, im in zip(data.rows, raw))  # untouched by the dataset step
     seen = []
@@ -105,16 +107,15 @@ def test_raw_images_inputs_and_label_masks(name, tmp_path, monkeypatch):
 def test_cross_family_teacher_inputs_and_alignment(tmp_path):
     student, teacher = _side("tiny-llava"), _side("tiny-qwen2vl", "teacher.model.processor")
     rows = _mixed_rows(tmp_path)
-    data = student.encode_dataset(rows, max_prompt_length=64, max_completion_length=10)
+    data = encode_dataset(student, rows, max_prompt_length=64, max_completion_length=10)
     samples = list(data.rows)
     stok = student.tokenizer
     for r, text in zip(data.rows[:2], ["a big blue circle!", "zweiundvierzig 42 é"]):  # on-policy-like texts
-        samples.append(EncodedExample(r.prompt_ids, stok(text, add_special_tokens=False)["input_ids"] + [stok.eos_token_id],
+        samples.append(Sample(r.prompt_ids, stok(text, add_special_tokens=False)["input_ids"] + [stok.eos_token_id],
                                       r.example))
     last = data.rows[-1]  # cut by the length limit: no end of turn
-    samples.append(EncodedExample(last.prompt_ids, last.completion_ids[:2], last.example))
-    asm = VLMCrossTokenizerAssembler(student, teacher)
-    cb = asm.assemble(samples)
+    samples.append(Sample(last.prompt_ids, last.completion_ids[:2], last.example))
+    cb = CrossTokenizerAssembler(student, teacher, 64).assemble(samples)
 
     t_eos, total = teacher.tokenizer.eos_token_id, 0
     for b, s in enumerate(samples):
@@ -130,8 +131,9 @@ def test_cross_family_teacher_inputs_and_alignment(tmp_path):
         ref_pixels = teacher.processor.image_processor(images=[vlm_mod.load_image(s.example.images[0])], return_tensors="pt")
         rows_per_image = cb.teacher["pixel_values"].shape[0] // len(samples)
         assert torch.equal(cb.teacher["pixel_values"][b * rows_per_image:(b + 1) * rows_per_image], ref_pixels["pixel_values"])
-    assert cb.unaligned == 0
-    assert cb.total_bytes == total and cb.covered_bytes == total  # 100% of completion bytes aligned
+    c = cb.counters
+    assert c["align/unaligned_samples"] == 0
+    assert c["align/total_bytes"] == total and c["align/covered_bytes"] == total  # 100% of completion bytes aligned
     assert cb.student["pixel_values"].shape == (len(samples), 3, 32, 32)
 
 
@@ -163,11 +165,11 @@ def test_validation_errors(tmp_path):
     _check_message(str(e.value), "data.train.builtin", "set student.model.processor")
     from gold_ds.data.tasks import train_arithmetic_tokenizer
     with pytest.raises(ValueError) as e:
-        encode_dataset(train_arithmetic_tokenizer(), shapes_rows(2, 0), 64, 8)
+        encode_dataset(TextSide(train_arithmetic_tokenizer()), shapes_rows(2, 0), 64, 8)
     _check_message(str(e.value), "text-only model", "student.model.processor")
     # cross family with jsd
-    with pytest.raises(VLMConfigError) as e:
-        VLMPair(load_config(raw=_preset(cross, distill={"loss": "jsd"})))
+    with pytest.raises(ConfigError) as e:
+        build_assembler(load_config(raw=_preset(cross, distill={"loss": "jsd"})))
     _check_message(str(e.value), "cross-family", "distill.loss='uld' or 'hybrid_uld'")
     # mismatched image token semantics: jsd with a processor that gives an image another token count
     from gold_ds.data import vlm_tasks
@@ -180,45 +182,45 @@ def test_validation_errors(tmp_path):
     try:
         raw = _preset(same)
         raw["teacher"]["model"]["processor"] = "builtin:tiny-qwen2vl-big"
-        with pytest.raises(VLMConfigError) as e:
-            VLMPair(load_config(raw=raw))
+        with pytest.raises(ConfigError) as e:
+            build_assembler(load_config(raw=raw))
         _check_message(str(e.value), "mismatched image token semantics", "same processor")
     finally:
         del vlm_tasks.BUILTIN_PROCESSORS["tiny-qwen2vl-big"]
     # ... and a model whose image token id is not its processor's
     raw = _preset(cross)
     raw["student"]["model"]["config"]["image_token_id"] = 7
-    with pytest.raises(VLMConfigError) as e:
-        VLMPair(load_config(raw=raw))
+    with pytest.raises(ConfigError) as e:
+        build_assembler(load_config(raw=raw))
     _check_message(str(e.value), "mismatched image token semantics", "student.model.config.image_token_id to 4")
     # missing images: no images column at all; an image part without its image; an unreadable file
     side = _side("tiny-qwen2vl")
     rows = shapes_rows(3, 0)
-    with pytest.raises(VLMConfigError) as e:
-        side.encode_dataset([{k: v for k, v in r.items() if k != "images"} for r in rows], 64, 10)
+    with pytest.raises(ConfigError) as e:
+        encode_dataset(side, [{k: v for k, v in r.items() if k != "images"} for r in rows], 64, 10)
     _check_message(str(e.value), "no 'images' column", "add one")
     rows[1]["images"] = []
     rows[2]["images"] = [str(tmp_path / "missing.png")]
-    data = side.encode_dataset(rows, 64, 10)
+    data = encode_dataset(side, rows, 64, 10)
     assert data.bad_rows == {"missing_images": 2} and len(data.rows) == 1
     with pytest.raises(BadRowError) as e:
-        side.encode_dataset(rows, 64, 10, on_bad_row="error")
+        encode_dataset(side, rows, 64, 10, on_bad_row="error")
     _check_message(str(e.value), "row 1 is bad: missing_images", "0 image(s)", "data.on_bad_row=report")
     # over-long prompts (image tokens count): counted and skipped, or an error naming the limit
     rows = shapes_rows(3, 0)
-    assert not side.encode_dataset(rows, 20, 10).bad_rows  # 20 prompt tokens, 4 of them the image's
+    assert not encode_dataset(side, rows, 20, 10).bad_rows  # 20 prompt tokens, 4 of them the image's
     with pytest.raises(BadRowError) as e:
-        side.encode_dataset(rows, 8, 10)
+        encode_dataset(side, rows, 8, 10)
     _check_message(str(e.value), "no usable rows", "prompt_too_long=3")
     with pytest.raises(BadRowError) as e:
-        side.encode_dataset(rows, 8, 10, on_bad_row="error")
+        encode_dataset(side, rows, 8, 10, on_bad_row="error")
     _check_message(str(e.value), "prompt_too_long", "image tokens included", "data.max_prompt_length=8")
     # vLLM rollouts are not wired for vision-language models
     raw = _preset(same)
-    raw["rollout"]["backend"] = "vllm"
+    raw["rollout"]["backend"] = "vllm_colocate"
     with pytest.raises(ConfigError) as e:
         load_config(raw=raw)
-    assert "rollout.backend" in str(e.value)
+    _check_message(str(e.value), "rollout.backend", "vision-language rollouts run on 'transformers'")
 
 
 # ------------------------------------------------------------------------------------ 2 ranks
@@ -242,7 +244,7 @@ def _per_sample_bytes(side, images):
 
 def _two_ranks(tmp, data_path):
     import torch.distributed as dist
-    from gold_ds.trainer import Trainer
+    from gold_ds.trainer import build_trainer
     paths = {json.loads(l)["images"][0] for l in open(data_path)}
     seen, live_at_exit, live_at_microstep = [], [], []
     real_load, real_pixels = vlm_mod.load_image, VLMSide.pixel_inputs
@@ -255,14 +257,16 @@ def _two_ranks(tmp, data_path):
     VLMSide.pixel_inputs = pixel_inputs
     micro, ga = 2, 3
     for name, lmbda in (("same-family-jsd", 0.5), ("cross-family-uld", 0.0)):
-        tr = Trainer(_tiny(name, os.path.join(tmp, name), data_path, lmbda, micro, ga))
-        assert tr.vlm is not None and tr.vlm.cross == (name != "same-family-jsd")
-        objective = tr.objective
+        tr = build_trainer(_tiny(name, os.path.join(tmp, name), data_path, lmbda, micro, ga))
+        student, teacher = tr.assembler.student, tr.assembler.teacher
+        cross = isinstance(tr.assembler, CrossTokenizerAssembler)
+        assert isinstance(student, VLMSide) and cross == (name != "same-family-jsd")
+        assemble = tr.assembler.assemble
 
-        def probe(samples, timer, keep=None):
+        def probe(samples, counted=None):
             live_at_microstep.append(PIXELS.live())
-            return objective(samples, timer, keep=keep)
-        tr.objective = probe
+            return assemble(samples, counted)
+        tr.assembler.assemble = probe
         seen.clear(), live_at_exit.clear(), live_at_microstep.clear()
         m = tr.train_step()
         assert torch.isfinite(torch.tensor(m["loss"])) and m["loss"] > 0
@@ -272,16 +276,16 @@ def _two_ranks(tmp, data_path):
         assert len(live_at_microstep) == ga and all(c == 0 for c, _ in live_at_microstep), live_at_microstep
         # ... and at no point more than one micro-step's (or one rollout chunk's) pixel bytes exist
         row = tr.train_data.rows[0].example.images
-        one = _per_sample_bytes(tr.vlm.student, row) + (_per_sample_bytes(tr.vlm.teacher, row) if tr.vlm.cross else 0)
+        one = _per_sample_bytes(student, row) + (_per_sample_bytes(teacher, row) if cross else 0)
         assert 0 < max(live_at_exit) <= micro * one < ga * micro * one, (live_at_exit, one)
-        if tr.vlm.cross:
+        if cross:
             assert m["align/coverage"] == 1.0 and m["align/unaligned_samples"] == 0
         else:
             assert 0 < m["on_policy_share"] < 1  # this seed draws both kinds of micro-step
         # on-policy rollouts with images, for the student and (its own rendering) the teacher
         rows = tr.train_data.rows[:2]
-        for gen, prompts, side in ((tr.student_gen, [r.prompt_ids for r in rows], tr.vlm.student),
-                                   (tr.teacher_gen, [tr._teacher_prompt_ids(r) for r in rows], tr.vlm.teacher)):
+        for gen, prompts, side in ((tr.rollout, [r.prompt_ids for r in rows], student),
+                                   (tr.teacher_generator, [tr.assembler.teacher_prompt_ids(r) for r in rows], teacher)):
             out = gen.generate(prompts, 2)
             assert len(out) == 4 and all(1 <= len(c) <= 4 for c in out)
             assert not any(t in side.placeholder_ids for c in out for t in c)

@@ -1,10 +1,13 @@
 """Helpers of the vLLM tests: skip without vllm (fail instead when GOLD_DS_REQUIRE_VLLM=1, as CI
 sets it), a tiny student vLLM can run (head size >= 32), and the trainer-side references the tests
-compare vLLM with (a plain fp64 copy of the ZeRO-3 student, its logprobs and greedy choices)."""
+compare vLLM with (a plain fp64 copy of the ZeRO-3 student, its logprobs and greedy choices), and
+the colocated engine's own log-probabilities of given sequences."""
 import os
 
 import pytest
 import torch
+
+from conftest import llama_config, plain_model
 
 
 def require_vllm():
@@ -17,29 +20,40 @@ def require_vllm():
         pytest.skip(f"vllm not importable ({e!r}): pip install -e '.[vllm]'", allow_module_level=True)
 
 
-def student_llama(hidden=64, layers=2, heads=2):
-    """A tiny Llama on the arithmetic tokenizer's 274 tokens; head size hidden/heads = 32."""
-    return {"model_type": "llama", "vocab_size": 274, "hidden_size": hidden, "intermediate_size": 2 * hidden,
-            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads,
-            "max_position_embeddings": 128, "tie_word_embeddings": False,
-            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+def student_llama():
+    """A tiny Llama vLLM can run: head size hidden / heads = 32 (vLLM needs >= 32)."""
+    return llama_config(hidden=64, max_positions=128)
 
 
-def student_cfg(**kw):
+def student_cfg():
     """ModelConfig fields of the student (fp32, built from a config)."""
-    return {"config": student_llama(**kw), "tokenizer": "builtin:arithmetic", "init_seed": 1, "dtype": "float32"}
+    return {"config": student_llama(), "tokenizer": "builtin:arithmetic", "init_seed": 1, "dtype": "float32"}
 
 
 def plain_copy(engine):
     """The ZeRO-3 student's current weights in a plain (unpartitioned) fp64 copy of the model, so
     that ranks can run different numbers of forwards. Collective (every rank calls it)."""
     import deepspeed
-    from transformers import AutoModelForCausalLM
     with torch.no_grad(), deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
         state = {n: p.data.clone() for n, p in engine.module.named_parameters()}
-    model = AutoModelForCausalLM.from_config(engine.module.config)
-    model.load_state_dict(state, strict=False)
-    return model.double().eval()
+    return plain_model(engine.module.config, state)
+
+
+@torch.no_grad()
+def vllm_logprobs(gen, sequences, prompt_lengths):
+    """Log-probabilities a colocated engine gives each sequence's tokens after its prompt, from its
+    current weights (woken first when it sleeps). With tensor parallelism every rank of a group
+    must pass the same sequences."""
+    if gen.sleep_level:
+        gen._wake("weights")
+        gen._wake("kv_cache")
+    sp = gen._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    outs = gen.llm.generate([gen._vllm.TokensPrompt(prompt_token_ids=list(s)) for s in sequences], sp, use_tqdm=False)
+    gen.llm.reset_prefix_cache()
+    if gen.sleep_level:
+        gen._sleep()
+    return [[o.prompt_logprobs[i][s[i]].logprob for i in range(n, len(s))]
+            for o, s, n in zip(outs, sequences, prompt_lengths)]
 
 
 @torch.no_grad()

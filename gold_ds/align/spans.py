@@ -1,43 +1,40 @@
 """Byte offsets of tokens: which bytes of a completion's UTF-8 text each token stands for.
 
-Tokenizers are sorted into three families, read from the fast tokenizer's backend (its model,
-normalizer, pre-tokenizer and decoder):
+Tokenizers fall into three families, read from the fast tokenizer's backend (model, normalizer,
+pre-tokenizer, decoder):
 
-* ``byte_level``: byte-level BPE (GPT-2, Llama-3, Qwen, Mistral's tekken). A piece is spelled in
-  GPT-2's printable byte alphabet (``Ġ`` = space); inverting ``bytes_to_unicode`` gives its bytes.
+* ``byte_level``: byte-level BPE (GPT-2, Llama-3, Qwen, Mistral's tekken). Pieces are spelled in
+  GPT-2's printable byte alphabet (``Ġ`` = space); inverting ``bytes_to_unicode`` gives their bytes.
 * ``metaspace``: SentencePiece-style (Llama-2, Mistral v1, Unigram/Metaspace). ``▁`` is a space and,
-  with byte fallback, ``<0xNN>`` is the byte NN. These tokenizers put a *dummy prefix* space in front
-  of a text (Metaspace ``prepend_scheme`` "first"/"always", or the legacy ``Prepend("▁")``
-  normalizer of ``add_dummy_prefix``); that space is not part of the text (see below).
-* ``offsets``: any other fast tokenizer (WordPiece, BPE without a byte alphabet, ...). Its pieces
-  cannot be mapped to bytes by themselves, so spans come from the offsets the tokenizer reports.
+  with byte fallback, ``<0xNN>`` is the byte NN. A *dummy prefix* space may be put in front of a text
+  (Metaspace ``prepend_scheme`` "first"/"always", or the legacy ``Prepend("▁")`` normalizer of
+  ``add_dummy_prefix``); it is not part of the text (see below).
+* ``offsets``: any other fast tokenizer (WordPiece, BPE without a byte alphabet, ...): its pieces do
+  not map to bytes by themselves, so spans come from the offsets the tokenizer reports.
 
-For the first two families a per-tokenizer table id -> bytes is built once and cached, so spans of
+For the first two families a table id -> bytes is built once per tokenizer and cached, so spans of
 ids are one gather and one cumsum. Special tokens (EOS, BOS, ``<|im_end|>``, ``</s>``, unk, ...) are
-zero-width. Non-special added tokens stand for their content's bytes.
+zero-width; non-special added tokens stand for their content's bytes.
 
 The three ways to call :func:`byte_spans`:
 
-* ``ids`` only (on-policy): spans over the concatenated bytes of the ids. A token may hold part of a
-  UTF-8 character (byte fallback, byte-level pieces). For ``metaspace`` tokenizers with a dummy
-  prefix, one leading space of the first byte-carrying token is dropped when that token's piece
-  starts with ``▁``: this is the dummy prefix, so ids-mode spans equal text-mode spans of the same
-  text (``token_bytes`` returns exactly the bytes the spans index; note that
-  ``tokenizer.decode`` can differ: the Metaspace decoder drops *every* ``▁`` of the first token).
-  ``offsets`` tokenizers decode the ids, re-encode the text and require the same ids back.
-* ``text`` only (off-policy): the text is tokenized without special tokens; the spans tile the
-  text's bytes exactly (checked). When the tokenizer's normalizer changes the text (NFKC, NFC,
-  lowercasing, ...) the pieces cannot reconstruct it, and the spans come from the tokenizer's
-  character offsets instead (made monotone; byte-fallback pieces of one character then collapse
-  onto the first of them, the rest being zero-width).
-* ``text`` and ``ids``: the ids are a slice of a chat-template rendering, whose bytes may hold
-  template bytes around the text (``"[/INST] answer</s>"`` gives ``▁answer`` with the template's
-  separator space; ChatML may add a newline token). The ids' raw bytes are used (no dummy prefix is
-  dropped: the slice does not start a rendering) and the text's bytes are located in them: the first
-  occurrence that starts at a token boundary or inside the first byte-carrying token, else the first
-  occurrence. Spans are then shifted to the text and clipped to it: tokens before it are zero-width
+* ``ids`` only (on-policy): spans over the concatenated bytes of the ids; a token may hold part of a
+  UTF-8 character (byte fallback, byte-level pieces). With a dummy prefix (``metaspace``), one leading
+  space of the first byte-carrying token is dropped when its piece starts with ``▁``, so ids-mode
+  spans equal text-mode spans of the same text; ``token_bytes`` returns exactly the bytes the spans
+  index (``tokenizer.decode`` can differ: the Metaspace decoder drops *every* ``▁`` of the first
+  token). ``offsets`` tokenizers decode the ids, re-encode the text and require the same ids back.
+* ``text`` only (off-policy): the text is tokenized without special tokens; byte-table spans tile its
+  bytes exactly. When the normalizer changes the text (NFKC, NFC, lowercasing, ...) the pieces cannot
+  reconstruct it, and the spans come from the tokenizer's character offsets instead (made monotone;
+  byte-fallback pieces of one character collapse onto the first of them, the rest zero-width).
+* ``text`` and ``ids``: the ids are a slice of a chat-template rendering, whose bytes may hold template
+  bytes around the text (``"[/INST] answer</s>"`` gives ``▁answer`` with the template's separator
+  space; ChatML may add a newline token). The ids' raw bytes are used (no dummy prefix is dropped: the
+  slice does not start a rendering) and the text's bytes are located in them: the first occurrence
+  that starts at a token boundary or inside the first byte-carrying token, else the first occurrence
+  (none: ValueError). Spans are shifted to the text and clipped to it: tokens before it are zero-width
   at 0, tokens after it zero-width at ``len(text bytes)``, a token straddling an edge is cut there.
-  If the text's bytes do not occur, a ValueError says so.
 """
 
 import json
@@ -60,21 +57,15 @@ class UnsupportedTokenizerError(ValueError):
 
 def _name(tokenizer) -> str:
     path = getattr(tokenizer, "name_or_path", "") or ""
-    return f"{type(tokenizer).__name__}" + (f" ({path!r})" if path else "")
+    return type(tokenizer).__name__ + (f" ({path!r})" if path else "")
 
 
 def _gpt2_byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: printable Latin-1 bytes stand for themselves, the other
     bytes get the code points 256, 257, ... in byte order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return {c: b for b, c in chars.items()}
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + k): b for k, b in enumerate(others)}}
 
 
 _BYTE_DECODER = _gpt2_byte_decoder()
@@ -124,11 +115,8 @@ def _backend(tokenizer):
     return backend
 
 
-def _detect(backend, tokenizer) -> tuple[str, str, bool]:
-    """(family, metaspace replacement, dummy prefix) from the backend's components."""
-    model = _state(backend.model)
-    model.pop("vocab", None)
-    model.pop("merges", None)
+def _detect(backend, model: dict) -> tuple[str, str, bool]:
+    """(family, metaspace replacement, dummy prefix) from the backend's model state and components."""
     parts = {k: _state(getattr(backend, k)) for k in ("normalizer", "pre_tokenizer", "decoder")}
     nodes = [n for p in parts.values() for n in _walk(p)]
     types = {n.get("type") for n in nodes}
@@ -138,9 +126,8 @@ def _detect(backend, tokenizer) -> tuple[str, str, bool]:
         return "offsets", "", False
     if "ByteLevel" in types:
         return "byte_level", "", False
-    metas = [n for n in nodes if n.get("type") == "Metaspace"]
-    if metas:
-        meta = metas[0]
+    meta = next((n for n in nodes if n.get("type") == "Metaspace"), None)
+    if meta is not None:
         scheme = meta.get("prepend_scheme")
         if scheme is None:  # older serializations
             scheme = "always" if meta.get("add_prefix_space", True) else "never"
@@ -167,15 +154,15 @@ def _table(tokenizer) -> _Table:
     if cached is not None and cached.size == size:
         return cached
     backend = _backend(tokenizer)
-    family, repl, dummy = _detect(backend, tokenizer)
     model = _state(backend.model)
+    family, repl, dummy = _detect(backend, model)
     byte_fallback = bool(model.get("byte_fallback"))
     unk = model.get("unk_token")
     if unk is None and model.get("type") == "Unigram" and model.get("unk_id") is not None:
         unk = model["vocab"][model["unk_id"]][0]
 
     vocab = backend.get_vocab(with_added_tokens=True)
-    added = {i: t for i, t in backend.get_added_tokens_decoder().items()}
+    added = dict(backend.get_added_tokens_decoder())
     size = max(size, max(vocab.values(), default=-1) + 1)
     special_ids = {i for i, t in added.items() if t.special}
     special_ids.update(i for i in getattr(tokenizer, "all_special_ids", []) if i is not None)
@@ -184,8 +171,7 @@ def _table(tokenizer) -> _Table:
         special_ids.add(unk_id)
 
     pieces: list = [None] * size
-    fallback = [False] * size
-    dummy_ok = [False] * size
+    fallback, dummy_ok = [False] * size, [False] * size
     for token, i in vocab.items():
         if i in special_ids:
             pieces[i] = b""
@@ -208,9 +194,7 @@ def _table(tokenizer) -> _Table:
         if 0 <= i < size:
             pieces[i] = b""
     lengths = torch.tensor([-1 if p is None else len(p) for p in pieces], dtype=torch.long)
-    special = torch.zeros(size, dtype=torch.bool)
-    if special_ids:
-        special[torch.tensor(sorted(i for i in special_ids if 0 <= i < size), dtype=torch.long)] = True
+    special = torch.tensor([i in special_ids for i in range(size)], dtype=torch.bool)
     table = _Table(family, _name(tokenizer), len(tokenizer), pieces, lengths, special,
                    torch.tensor(fallback), dummy, torch.tensor(dummy_ok), unk_id)
     try:
@@ -296,27 +280,19 @@ def _text_spans(tokenizer, table: _Table, text: str) -> torch.Tensor:
         _check_range(table, ids)
         pieces = [table.pieces[i] for i in enc.ids]
         if all(p is not None for p in pieces):
-            joined = b"".join(pieces)
-            lengths = table.lengths[ids]
+            joined, spans = b"".join(pieces), _spans_of_lengths(table.lengths[ids])
             if joined == target:
-                return _spans_of_lengths(lengths)
-            if table.family == "metaspace" and joined == b" " + target:
-                # The dummy prefix: the first byte-carrying token's leading space.
-                spans = _spans_of_lengths(lengths) - 1
-                return spans.clamp_(min=0)
+                return spans
+            if table.family == "metaspace" and joined == b" " + target:  # the first piece's dummy prefix
+                return (spans - 1).clamp_(min=0)
     # Offsets: `offsets` family, or a normalizer that changed the text. An unknown token stands for
     # the text it replaced here (in ids mode it has no bytes).
-    zero = table.special[ids] & (ids != table.unk_id) if ids.numel() else torch.zeros(0, dtype=torch.bool)
+    zero = table.special[ids] & (ids != table.unk_id)
     if table.family == "metaspace" and ids.numel() and table.pieces[enc.ids[0]] == b" " \
             and not text.startswith(" "):
-        # A lone dummy-prefix piece is reported on the first character: it stands for no text byte.
-        zero = zero.clone()
-        zero[0] = True
+        zero[0] = True  # a lone dummy-prefix piece, reported on the first character: no text byte
     spans = _spans_from_offsets(text, enc.offsets, zero)
-    covered = int((spans[:, 1] - spans[:, 0]).sum()) if spans.numel() else 0
-    if table.family == "offsets":
-        return spans
-    if covered == 0 and target:
+    if table.family != "offsets" and target and not bool((spans[:, 1] > spans[:, 0]).any()):
         raise ValueError(f"{table.name} tokenized {text[:60]!r} into pieces that neither reconstruct "
                          f"its bytes nor report offsets")
     return spans
@@ -325,9 +301,7 @@ def _text_spans(tokenizer, table: _Table, text: str) -> torch.Tensor:
 def _ids_bytes_and_spans(tokenizer, table: _Table, ids: torch.Tensor, strip_dummy: bool):
     """(bytes, spans) of ids: the concatenated bytes the ids stand for, and spans over them."""
     if table.family != "offsets":
-        lengths = _table_lengths(table, ids, strip_dummy)
-        spans = _spans_of_lengths(lengths)
-        return None, spans
+        return None, _spans_of_lengths(_table_lengths(table, ids, strip_dummy))
     _check_range(table, ids)
     keep = ~table.special[ids]
     kept = ids[keep].tolist()
@@ -352,8 +326,7 @@ def _ids_bytes_and_spans(tokenizer, table: _Table, ids: torch.Tensor, strip_dumm
 
 def token_bytes(tokenizer, ids) -> bytes:
     """The bytes that ``byte_spans(tokenizer, ids=ids)`` indexes (dummy prefix dropped)."""
-    table = _table(tokenizer)
-    ids = _as_ids(ids)
+    table, ids = _table(tokenizer), _as_ids(ids)
     data, spans = _ids_bytes_and_spans(tokenizer, table, ids, strip_dummy=True)
     if data is not None:
         return data
@@ -364,8 +337,8 @@ def token_bytes(tokenizer, ids) -> bytes:
 def _locate(data: bytes, target: bytes, spans: torch.Tensor) -> int:
     """Offset of `target` in `data` (the rule in the module docstring), or -1."""
     first = data.find(target)
-    if first < 0 or not target:
-        return max(first, 0) if target == b"" else first
+    if first < 0 or not target:  # an empty target is found at 0
+        return first
     starts = set(spans[:, 0].tolist())
     carrying = (spans[:, 1] > spans[:, 0]).nonzero()
     first_end = int(spans[int(carrying[0, 0]), 1]) if carrying.numel() else 0
@@ -378,12 +351,9 @@ def _locate(data: bytes, target: bytes, spans: torch.Tensor) -> int:
 
 
 def byte_spans(tokenizer, text: str | None = None, ids=None) -> torch.Tensor:
-    """[n_tokens, 2] int64 (start, end) byte offsets of each token in the completion's UTF-8 bytes.
-
-    ids only: spans over the ids' bytes (on-policy); text only: the text is tokenized without
-    special tokens (off-policy); both: ids of a chat-template rendering, spans relative to `text`'s
-    bytes. See the module docstring for each rule. Zero-width tokens have start == end.
-    """
+    """[n_tokens, 2] int64 (start, end) byte offsets of each token in the completion's UTF-8 bytes:
+    from ids (on-policy), text (off-policy) or both (a chat-template slice); rules in the module
+    docstring. Zero-width tokens have start == end."""
     if text is None and ids is None:
         raise ValueError("byte_spans needs text, ids, or both")
     table = _table(tokenizer)
@@ -408,7 +378,7 @@ def byte_spans(tokenizer, text: str | None = None, ids=None) -> torch.Tensor:
 
 
 def _self_check(table: _Table, text: str, spans: torch.Tensor):
-    """Text-mode spans are ordered, inside the text and (for byte tables) tile it."""
+    """Text-mode spans are ordered, non-overlapping and inside the text."""
     if spans.numel() == 0:
         return
     n = len(text.encode("utf-8"))
