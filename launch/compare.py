@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     first = runs[0][1]["results"]
     teacher = first["after"].get("teacher_accuracy")
     before = first["before"].get("accuracy")
-    lines = [f"| run | exact match | gap closed | wall time |", "|---|---|---|---|",
+    lines = ["| run | exact match | gap closed | wall time |", "|---|---|---|---|",
              f"| teacher | {teacher:.3f} | | |", f"| student before | {before:.3f} | | |"]
     for name, run in runs:
         r = run["results"]

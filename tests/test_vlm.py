@@ -117,7 +117,7 @@ def test_cross_family_teacher_inputs_and_alignment(tmp_path):
     samples.append(Sample(last.prompt_ids, last.completion_ids[:2], last.example))
     cb = CrossTokenizerAssembler(student, teacher, 64).assemble(samples)
 
-    t_eos, total = teacher.tokenizer.eos_token_id, 0
+    total = 0
     for b, s in enumerate(samples):
         text = stok.decode(s.completion_ids, skip_special_tokens=True)
         total += len(text.encode())

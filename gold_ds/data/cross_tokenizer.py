@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..align import byte_spans, group_spans, tokenizer_family, vocabulary_map, UnsupportedTokenizerError
+from ..align import UnsupportedTokenizerError, byte_spans, group_spans, tokenizer_family, vocabulary_map
 from .assembler import MicroBatch
 from .dataset import Sample
 

@@ -20,6 +20,7 @@ The parts are built by ``gold_ds.trainer.build.build_trainer``.
 """
 import collections
 import contextlib
+import functools
 import math
 import os
 import time
@@ -120,7 +121,7 @@ class Trainer:
         micro_steps = [None if on else list(r) for r, on in zip(rows, flags)]
         on_rows = [r for rs, on in zip(rows, flags) if on for r in rs]
         if on_rows:
-            weights = lambda bucket_bytes: gathered_weight_buckets(self.student.module, bucket_bytes)  # noqa: E731
+            weights = functools.partial(gathered_weight_buckets, self.student.module)  # weights(bucket_bytes)
             completions, metrics = self.rollout.sample([r.prompt_ids for r in on_rows], G, step=self.step,
                                                        weights=weights)
             completions = iter(completions)
