@@ -52,10 +52,22 @@ def test_exact_match():
     assert not exact_match("8 5", "85")
 
 
-def test_tokenizer_is_deterministic(tokenizer):
-    again = train_arithmetic_tokenizer()
-    assert again.get_vocab() == tokenizer.get_vocab()
-    assert again.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
+def test_builtin_tokenizers_are_the_same_in_every_process():
+    """Every rank trains the builtin tokenizers itself: separate processes (as ranks are) must build
+    identical ones. (The tokenizers library's UnigramTrainer alone does not: its scores and ids
+    follow per-process hash-map order.)"""
+    import subprocess
+    import sys
+    code = ("import hashlib\n"
+            "from gold_ds.data.tasks import train_arithmetic_tokenizer, train_arithmetic_unigram_tokenizer\n"
+            "from gold_ds.data.vlm_tasks import llava_tokenizer, qwen_vl_tokenizer\n"
+            "for f in (train_arithmetic_tokenizer, train_arithmetic_unigram_tokenizer, llava_tokenizer, "
+            "qwen_vl_tokenizer):\n"
+            "    print(f.__name__, hashlib.sha256(f().backend_tokenizer.to_str().encode()).hexdigest())\n")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120) for _ in range(3)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
+    outputs = [r.stdout for r in runs]
+    assert len(outputs[0].splitlines()) == 4 and outputs[0] == outputs[1] == outputs[2], outputs
 
 
 def test_special_tokens(tokenizer):

@@ -22,6 +22,7 @@ conversation ends with `<|im_end|>`: the tokens after the `add_generation_prompt
 prompt are exactly the answer's tokens followed by `<|im_end|>`.
 """
 import json
+import math
 import random
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -123,6 +124,25 @@ INST_TEMPLATE = (
 )
 
 
+def stable_unigram_vocab(tokenizer: Tokenizer, corpus: list, num_special: int) -> list:
+    """A trained Unigram tokenizer's (piece, score) list, made the same in every process.
+
+    ``UnigramTrainer`` finds the same pieces in every process, but their scores and their order (the
+    ids) follow the iteration order of its hash maps, which differs from process to process: ranks
+    would build different tokenizers. Here the special tokens keep their ids (the first
+    ``num_special``), every other piece is scored by its add-one smoothed log frequency as a substring
+    of the pre-tokenized ``corpus`` (higher: kept whole more readily), and ordered by score, then
+    piece."""
+    vocab = [tuple(v) for v in json.loads(tokenizer.to_str())["model"]["vocab"]]
+    words = [w for text in corpus for w, _ in tokenizer.pre_tokenizer.pre_tokenize_str(text)]
+    counts = {}
+    for piece, _ in vocab[num_special:]:
+        counts[piece] = sum(sum(w.startswith(piece, i) for i in range(len(w))) for w in words)
+    total = sum(counts.values()) + len(counts)
+    scored = sorted(((p, math.log((c + 1) / total)) for p, c in counts.items()), key=lambda x: (-x[1], x[0]))
+    return vocab[:num_special] + scored
+
+
 def train_arithmetic_unigram_tokenizer() -> PreTrainedTokenizerFast:
     """A SentencePiece-style Unigram tokenizer, deterministic: Metaspace (``▁`` for a space, prepended
     only at the start of a text), byte fallback (``<0x00>``..``<0xFF>``, so any text encodes), digits
@@ -140,10 +160,10 @@ def train_arithmetic_unigram_tokenizer() -> PreTrainedTokenizerFast:
     ])
     trainer = trainers.UnigramTrainer(vocab_size=64, special_tokens=specials, unk_token="<unk>",
                                       initial_alphabet=list("0123456789+=-*/\u2581"), show_progress=False)
-    tokenizer.train_from_iterator(["system user assistant question answer the sum of"], trainer=trainer)
-    trained = json.loads(tokenizer.to_str())["model"]
-    vocab = [tuple(v) for v in trained["vocab"]] + [(f"<0x{b:02X}>", -100.0) for b in range(256)]
-    tokenizer.model = models.Unigram(vocab, unk_id=trained["unk_id"], byte_fallback=True)
+    corpus = ["system user assistant question answer the sum of"]
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    vocab = stable_unigram_vocab(tokenizer, corpus, len(specials)) + [(f"<0x{b:02X}>", -100.0) for b in range(256)]
+    tokenizer.model = models.Unigram(vocab, unk_id=specials.index("<unk>"), byte_fallback=True)
     tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(**meta)])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
                                    eos_token="</s>", unk_token="<unk>", chat_template=INST_TEMPLATE)

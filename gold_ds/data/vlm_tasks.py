@@ -25,7 +25,6 @@ a PIL image processor (no torchvision) with a tokenizer trained here on the task
 
 Both are deterministic (the presets' model configs name their vocabulary sizes and special ids).
 """
-import json
 import random
 
 SHAPES = ("circle", "square", "triangle")
@@ -135,17 +134,18 @@ def llava_tokenizer():
     tok = Tokenizer(models.Unigram())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Punctuation(behavior="isolated"),
                                                  pre_tokenizers.Metaspace(**meta)])
-    tok.train_from_iterator(_corpus(), trainer=trainers.UnigramTrainer(
+    from .tasks import stable_unigram_vocab
+    corpus = _corpus()
+    tok.train_from_iterator(corpus, trainer=trainers.UnigramTrainer(
         vocab_size=120, special_tokens=LLAVA_SPECIALS, unk_token="<unk>", show_progress=False))
-    trained = json.loads(tok.to_str())["model"]
-    vocab = [tuple(v) for v in trained["vocab"]]
+    vocab = stable_unigram_vocab(tok, corpus, len(LLAVA_SPECIALS))
     # the answers follow "[/INST]" with no space: give each answer word a piece of its own (it would
     # otherwise be spelled letter by letter, and a teacher that says the word in one token would be
     # compared, row for row, with the student's first letter)
     pieces = {p for p, _ in vocab}
     vocab += [(w, 0.0) for w in list(SHAPES) + sorted(COLORS) if w not in pieces]
     vocab += [(f"<0x{b:02X}>", -100.0) for b in range(256)]
-    tok.model = models.Unigram(vocab, unk_id=trained["unk_id"], byte_fallback=True)
+    tok.model = models.Unigram(vocab, unk_id=LLAVA_SPECIALS.index("<unk>"), byte_fallback=True)
     tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(**meta)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", chat_template=LLAVA_TEMPLATE,
