@@ -44,6 +44,8 @@ agree and to learn the global vocabulary sizes (chunk size, id ranges, the all_t
 """
 
 from .jsd import generalized_jsd
+from .linear import linear_generalized_jsd, linear_hybrid_uld, linear_token_logprobs, linear_uld
 from .uld import hybrid_uld, uld
 
-__all__ = ["generalized_jsd", "uld", "hybrid_uld"]
+__all__ = ["generalized_jsd", "uld", "hybrid_uld", "linear_generalized_jsd", "linear_uld", "linear_hybrid_uld",
+           "linear_token_logprobs"]

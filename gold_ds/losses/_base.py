@@ -89,8 +89,66 @@ def auto_chunk_size(chunk_size, vocab):
     return chunk_size if chunk_size is not None else max(1, CHUNK_BYTES // (4 * vocab))
 
 
+class LinearHead:
+    """An output layer applied inside a loss: logits = softcap(logit_scale * (hidden @ weight.T + bias)),
+    softcap(z) = c * tanh(z / c) when ``softcap`` is set. ``weight`` [V_local, H] is this rank's
+    vocabulary slice (the whole head without a group), ``bias`` [V_local] or None.
+
+    The matmuls run in the weight's dtype (as the model's own head would), the logits are fp32 from
+    there on; the weight and bias gradients accumulate, chunk by chunk, in the weight's dtype.
+    """
+
+    def __init__(self, weight, bias, logit_scale, softcap):
+        self.weight, self.bias = weight, bias
+        self.logit_scale = float(logit_scale)
+        self.softcap = None if softcap is None else float(softcap)
+
+    def logits(self, h):
+        """fp32 [n, V_local] logits of hidden rows ``h`` [n, H], and what ``backward`` needs."""
+        z = torch.nn.functional.linear(h.to(self.weight.dtype), self.weight, self.bias).float()
+        if self.logit_scale != 1.0:
+            z.mul_(self.logit_scale)
+        if self.softcap is None:
+            return z, None
+        t = z.div_(self.softcap).tanh_()
+        return t * self.softcap, t
+
+    def backward(self, g, h, aux, need, grads):
+        """Chain the fp32 logits gradient ``g`` of rows ``h`` back through the head. ``need`` and
+        ``grads``: for (hidden, weight, bias), whether wanted and where it goes (weight and bias
+        gradients are accumulated into ``grads[1]``, ``grads[2]``). Returns the hidden gradient or None."""
+        if aux is not None:
+            g = g.mul_(aux.mul_(aux).neg_().add_(1.0))  # d softcap = 1 - tanh^2
+        if self.logit_scale != 1.0:
+            g = g.mul_(self.logit_scale)
+        g = g.to(self.weight.dtype)
+        if need[1]:
+            grads[1].addmm_(g.t(), h.to(self.weight.dtype))
+        if need[2]:
+            grads[2].add_(g.sum(0))
+        return g @ self.weight if need[0] else None
+
+
+def check_head(side, hidden, weight, bias, logit_scale, softcap):
+    """Validate one side's (hidden [..., H], weight [V_local, H], bias, logit_scale, softcap)."""
+    check_logits(f"{side}_hidden", hidden)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point() \
+            or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        got = f"shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else repr(weight)
+        raise ValueError(f"{side}_weight must be a floating-point [V_local, {hidden.shape[-1]}] tensor (this rank's "
+                         f"vocabulary slice of the head, rows = tokens); got {got}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+        got = f"shape {tuple(bias.shape)}" if isinstance(bias, torch.Tensor) else repr(bias)
+        raise ValueError(f"{side}_bias must be None or a [{weight.shape[0]}] tensor (one per weight row); got {got}")
+    check_positive(f"{side}_logit_scale", logit_scale)
+    if softcap is not None:
+        check_positive(f"{side}_softcap", softcap)
+    return LinearHead(weight, bias, logit_scale, softcap)
+
+
 class _ChunkedLoss(torch.autograd.Function):
-    """forward(ctx, run, student, teacher, student_log_scale, teacher_log_scale) -> fp32 scalar.
+    """forward(ctx, run, *inputs) -> fp32 scalar; inputs are (student, teacher, student_log_scale,
+    teacher_log_scale, student_weight, student_bias, teacher_weight, teacher_bias), None where absent.
 
     ``run`` is the closure built by :func:`chunked_loss`: given which inputs need a gradient, it
     returns (loss, [stored gradient or None per input]).
@@ -119,7 +177,8 @@ class _ChunkedLoss(torch.autograd.Function):
         return (None, *out)
 
 
-def chunked_loss(kernel, student, teacher, student_log_scale, teacher_log_scale, mask, reduction, chunk_size):
+def chunked_loss(kernel, student, teacher, student_log_scale, teacher_log_scale, mask, reduction, chunk_size,
+                 heads=(None, None)):
     """Apply ``kernel`` to the counted rows, ``chunk_size`` rows at a time; return the reduced loss.
 
     kernel(s, t, s_scale, t_scale, need, weight) gets fp32 [n, Vs_local], [n, Vt_local] and fp32 [n]
@@ -127,8 +186,15 @@ def chunked_loss(kernel, student, teacher, student_log_scale, teacher_log_scale,
     then per input the gradient of weight * row_loss.sum() w.r.t. it, fp32, or None where not
     needed). Every rank of a group must call with the
     same rows, mask and chunk_size, because kernels may run collectives once per chunk.
+
+    ``heads``: per side a :class:`LinearHead` or None. With a head, that side's input is hidden
+    states [..., H] and each chunk's logits are computed from it (and its gradient chained back
+    through the head) inside the chunk, so no [rows, V] logits tensor outlives a chunk. Under a
+    vocabulary group the hidden-state gradient is this rank's slice's contribution (the
+    column-parallel convention: sum it over the group).
     """
     inputs = (student, teacher, student_log_scale, teacher_log_scale)
+    params = [t for h in heads for t in ((None, None) if h is None else (h.weight, h.bias))]
     flat = [None if x is None else x.reshape(-1, x.shape[-1]) for x in inputs[:2]]
     flat += [None if x is None else x.reshape(-1) for x in inputs[2:]]
     n_rows = flat[0].shape[0]
@@ -141,17 +207,30 @@ def chunked_loss(kernel, student, teacher, student_log_scale, teacher_log_scale,
     grad_enabled = torch.is_grad_enabled()  # under no_grad, compute and store no gradient at all
 
     def run(need):
-        need = [grad_enabled and bool(n) and x is not None for n, x in zip(need, flat)]
-        grads = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) if n else None for x, n in zip(flat, need)]
+        every = flat + params
+        need = [grad_enabled and bool(n) and x is not None for n, x in zip(need, every)]
+        grads = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) if n else None for x, n in zip(every, need)]
+        side_need = [need[0:1] + need[4:6], need[1:2] + need[6:8]]  # per side: (input, weight, bias)
+        side_grads = [grads[0:1] + grads[4:6], grads[1:2] + grads[6:8]]
+        kernel_need = [any(side_need[0]), any(side_need[1]), need[2], need[3]]
         total = torch.zeros((), dtype=torch.float64, device=flat[0].device)
         for start in range(0, counted, chunk_size):
             rows = select(start, min(start + chunk_size, counted))
-            chunk = [None if x is None else x[rows].float() for x in flat]
-            row_loss, *chunk_grads = kernel(*chunk, need, weight)
+            chunk = [None if x is None else x[rows] for x in flat]
+            z = [chunk[i].float() if heads[i] is None else heads[i].logits(chunk[i]) for i in (0, 1)]
+            scales = [None if x is None else x.float() for x in chunk[2:]]
+            row_loss, *chunk_grads = kernel(*(zi if heads[i] is None else zi[0] for i, zi in enumerate(z)),
+                                            *scales, kernel_need, weight)
             total += row_loss.sum(dtype=torch.float64)
-            for g, cg in zip(grads, chunk_grads):
-                if g is not None:
-                    g[rows] = cg.to(g.dtype)
+            for i in (0, 1):
+                g = chunk_grads[i]
+                if heads[i] is not None and g is not None:
+                    g = heads[i].backward(g, chunk[i], z[i][1], side_need[i], side_grads[i])
+                if need[i] and g is not None:
+                    grads[i][rows] = g.to(grads[i].dtype)
+            for i in (2, 3):
+                if need[i]:
+                    grads[i][rows] = chunk_grads[i].to(grads[i].dtype)
         return (total * weight).float(), grads
 
-    return _ChunkedLoss.apply(run, *inputs)
+    return _ChunkedLoss.apply(run, *inputs, *params)

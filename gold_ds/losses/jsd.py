@@ -38,7 +38,13 @@ def generalized_jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0
     _base.check_row_tensor("mask", mask, student_logits.shape[:-1], floating=False)
     _base.check_common(reduction, chunk_size)
     every = _base.vocab_sizes(group, student_logits.shape[:-1].numel(), student_logits.shape[-1])
-    chunk_size = _base.auto_chunk_size(chunk_size, sum(e[1] for e in every))
+    return jsd_loss(student_logits, teacher_logits, beta=beta, temperature=temperature, mask=mask,
+                    reduction=reduction, group=group,
+                    chunk_size=_base.auto_chunk_size(chunk_size, sum(e[1] for e in every)))
+
+
+def jsd_loss(student, teacher, *, beta, temperature, mask, reduction, group, chunk_size, heads=(None, None)):
+    """The chunked JSD of checked inputs: logits, or hidden states with ``heads`` (see ``_base``)."""
     beta, temperature = float(beta), float(temperature)
 
     def kernel(s, t, _s_scale, _t_scale, need, weight):
@@ -50,4 +56,4 @@ def generalized_jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0
         g_t = to_logit_grad(r_a, a, sum_a, weight / temperature) if need[1] else None
         return c_a * sum_a + c_b * sum_b, g_s, g_t, None, None
 
-    return _base.chunked_loss(kernel, student_logits, teacher_logits, None, None, mask, reduction, chunk_size)
+    return _base.chunked_loss(kernel, student, teacher, None, None, mask, reduction, chunk_size, heads)

@@ -119,7 +119,17 @@ def uld(student_logits, teacher_logits, *, student_temperature=1.0, teacher_temp
                 student_log_scale, teacher_log_scale, mask, reduction, chunk_size)
     every = _base.vocab_sizes(group, student_logits.shape[:-1].numel(), student_logits.shape[-1],
                               teacher_logits.shape[-1])
-    vs, vt = sum(e[1] for e in every), sum(e[2] for e in every)
+    return uld_loss(student_logits, teacher_logits, student_temperature=student_temperature,
+                    teacher_temperature=teacher_temperature, student_log_scale=student_log_scale,
+                    teacher_log_scale=teacher_log_scale, mask=mask, reduction=reduction, group=group,
+                    chunk_size=_base.auto_chunk_size(chunk_size, max(sum(e[1] for e in every),
+                                                                     sum(e[2] for e in every))), every=every)
+
+
+def uld_loss(student, teacher, *, student_temperature, teacher_temperature, student_log_scale, teacher_log_scale,
+             mask, reduction, group, chunk_size, every, heads=(None, None)):
+    """The chunked ULD of checked inputs: logits, or hidden states with ``heads`` (see ``_base``);
+    ``every``: the ranks' (rows, Vs_local, Vt_local)."""
     ts, tt = float(student_temperature), float(teacher_temperature)
 
     def kernel(s, t, s_scale, t_scale, need, weight):
@@ -128,9 +138,8 @@ def uld(student_logits, teacher_logits, *, student_temperature=1.0, teacher_temp
         loss, r_a, r_b = sorted_l1(a, b, need_r_a=need[1] or need[3])
         return (loss, *_grads(need, weight, r_b, p_s, ts, r_a, p_t, tt))
 
-    return _base.chunked_loss(_row_layout(kernel, group, every), student_logits, teacher_logits,
-                              student_log_scale, teacher_log_scale, mask, reduction,
-                              _base.auto_chunk_size(chunk_size, max(vs, vt)))
+    return _base.chunked_loss(_row_layout(kernel, group, every), student, teacher, student_log_scale,
+                              teacher_log_scale, mask, reduction, chunk_size, heads)
 
 
 def _check_ids(name, ids, vocab):
@@ -174,13 +183,26 @@ def hybrid_uld(student_logits, teacher_logits, student_ids, teacher_ids, *, beta
     _base.check_weight("unmatched_weight", unmatched_weight)
     every = _base.vocab_sizes(group, student_logits.shape[:-1].numel(), student_logits.shape[-1],
                               teacher_logits.shape[-1])
+    return hybrid_uld_loss(student_logits, teacher_logits, student_ids, teacher_ids, beta=beta,
+                           matched_weight=matched_weight, unmatched_weight=unmatched_weight,
+                           student_temperature=student_temperature, teacher_temperature=teacher_temperature,
+                           student_log_scale=student_log_scale, teacher_log_scale=teacher_log_scale, mask=mask,
+                           reduction=reduction, group=group, chunk_size=chunk_size, every=every)
+
+
+def hybrid_uld_loss(student, teacher, student_ids, teacher_ids, *, beta, matched_weight, unmatched_weight,
+                    student_temperature, teacher_temperature, student_log_scale, teacher_log_scale, mask,
+                    reduction, group, chunk_size, every, heads=(None, None)):
+    """The chunked hybrid ULD of checked inputs (ids checked here): logits, or hidden states with
+    ``heads`` (see ``_base``); ``every``: the ranks' (rows, Vs_local, Vt_local); ``chunk_size`` None
+    picks the logits losses' default."""
     vs, vt = sum(e[1] for e in every), sum(e[2] for e in every)
     _check_ids("student_ids", student_ids, vs)
     _check_ids("teacher_ids", teacher_ids, vt)
     if student_ids.numel() != teacher_ids.numel():
         raise ValueError(f"student_ids and teacher_ids must have the same length (pairs of one token); got "
                          f"{student_ids.numel()} and {teacher_ids.numel()}")
-    device = student_logits.device
+    device = student.device
     s_ids, t_ids = student_ids.long().to(device), teacher_ids.long().to(device)
     s_un, t_un = _unmatched(s_ids, vs), _unmatched(t_ids, vt)
     w_m = float(matched_weight) if matched_weight is not None else s_ids.numel() / vt
@@ -200,6 +222,6 @@ def hybrid_uld(student_logits, teacher_logits, student_ids, teacher_ids, *, beta
             r_a = a.new_empty(a.shape).index_copy_(1, t_ids, r_a_m.mul_(w_m)).index_copy_(1, t_un, r_a_u.mul_(w_u))
         return (loss, *_grads(need, weight, r_b, p_s, ts, r_a, p_t, tt))
 
-    return _base.chunked_loss(_row_layout(kernel, group, every), student_logits, teacher_logits,
-                              student_log_scale, teacher_log_scale, mask, reduction,
-                              _base.auto_chunk_size(chunk_size, max(vs, vt)))
+    return _base.chunked_loss(_row_layout(kernel, group, every), student, teacher, student_log_scale,
+                              teacher_log_scale, mask, reduction, _base.auto_chunk_size(chunk_size, max(vs, vt)),
+                              heads)
