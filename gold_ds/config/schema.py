@@ -124,6 +124,12 @@ class DistillConfig:
     num_generations: int = 1
     """Completions sampled per prompt on on-policy micro-steps (an on-policy micro-step takes micro
     batch / num_generations prompts)."""
+    logits: Literal["sharded", "full"] = "sharded"
+    """How the loss gets the models' logits. ``sharded``: the forwards stop at the final hidden
+    states, every rank applies its vocabulary slice of both heads (read from its ZeRO-3 partition)
+    to all ranks' completion rows inside the loss, chunk by chunk, so no rank holds a full
+    [rows, vocabulary] logits tensor. ``full``: each model's own forward computes [B, T, V] logits
+    on every rank (the fallback for heads ``sharded`` does not know; see ``gold_ds.engine.heads``)."""
 
     @property
     def cross_tokenizer(self) -> bool:

@@ -31,3 +31,45 @@ def global_sum(values: list, device) -> list:
 def global_max(values: list, device) -> list:
     """Element-wise maxima over all ranks."""
     return _all_reduce(values, device, dist.ReduceOp.MAX)
+
+
+class RowGather:
+    """Concatenate every rank's rows of a micro-step, in rank order (ranks may hold different numbers
+    of rows, zero included): one all_gather of the row counts at construction, one per tensor after.
+
+    ``gather`` is differentiable for the fused losses' convention (every rank computes on all rows,
+    its hidden-state gradient is its vocabulary slice's contribution): backward sums the gathered
+    rows' gradient over ranks (one all_reduce of it) and keeps this rank's rows.
+    """
+
+    def __init__(self, rows: int, device):
+        counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+        dist.all_gather(counts, torch.tensor([rows], dtype=torch.long, device=device))
+        self.counts = [int(c) for c in counts]
+        rank = dist.get_rank()
+        self.offset = sum(self.counts[:rank])  # where this rank's rows start in the gathered rows
+        self.rows = slice(self.offset, self.offset + rows)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        return _GatherRows.apply(x, self)
+
+
+def _gather(x, counts):
+    padded = x.new_zeros((max(counts), *x.shape[1:]))
+    padded[:x.shape[0]] = x
+    every = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(every, padded)
+    return torch.cat([e[:n] for e, n in zip(every, counts)])
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gather):
+        ctx.gather = gather
+        return _gather(x.contiguous(), gather.counts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.gather.rows], None

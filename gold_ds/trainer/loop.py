@@ -90,11 +90,11 @@ class Trainer:
             with timer("teacher"):
                 targets = self.objective.teacher_targets(micro_batch)
             with timer("student"):
-                loss = self.objective.loss(micro_batch, targets)
+                loss, share = self.objective.loss(micro_batch, targets)
                 self.student.backward(loss * (self.world / sum(tokens)), scale_wrt_gas=False)
             with timer("optimizer"):
                 self.student.step()
-            losses.append(loss.item())
+            losses.append(share)
             counters.update(micro_batch.counters)
             del micro_batch, targets, loss  # this micro-step's tensors (pixels) go before the next is assembled
         self.step += 1

@@ -1,9 +1,10 @@
 """The loss of one micro-step, in two calls the loop times apart: ``teacher_targets(micro_batch)``
 (teacher forward, no grad) and ``loss(micro_batch, targets)`` (student forward, summed loss).
 
-Both objectives return the micro-step's loss as a SUM; the loop scales the sum by world / N, N the
-student's completion tokens in the window on all ranks (see loop.py), so the optimizer follows the
-mean loss per student completion token whatever the loss:
+``loss`` returns ``(loss, share)``: the tensor to backpropagate and this rank's share of the
+micro-step's summed loss, for the metrics. The loop scales the loss by world / N, N the student's
+completion tokens in the window on all ranks (see loop.py), so the optimizer follows the mean loss
+per student completion token whatever the loss:
 
     loss = divergence_weight * sum(divergence rows) + ce_weight * sum(student NLL of completion tokens)
 
@@ -15,12 +16,29 @@ mean loss per student completion token whatever the loss:
   tokens, passed to the loss as a per-row log scale (``gold_ds.align.merge_log_scales``), on both
   sides, at each side's temperature. Tokens outside any group add no divergence (the alignment
   coverage metric says how many bytes are covered) but still count in N.
+
+How the logits are formed (``distill.logits``):
+- ``full``: each model's own forward gives [B, T, V] logits on every rank; the loss runs on this
+  rank's rows. ``share`` is the loss.
+- ``sharded``: the forwards stop at the final hidden states (``gold_ds.engine.heads``); the
+  completion rows' hidden states of all data-parallel ranks are gathered (``RowGather``), and each
+  rank applies its vocabulary slice of both heads to all of them inside the fused losses
+  (``gold_ds.losses.linear``), so no rank holds a [rows, V] tensor beyond one chunk. The loss is
+  then the whole micro-step's on every rank (``share`` = loss / world); backward sends each rank's
+  hidden states the gradient of its own rows (summed over the slices) and each head slice the
+  gradient of all rows. Per micro-step, what crosses the network: the gathered hidden states
+  (completion rows x H, both models) and, back, one all_reduce of the student's; per chunk of rows,
+  a few floats per row for jsd and the merged log scales, a row-sharded exchange of the chunk's
+  probabilities for uld/hybrid_uld (see ``gold_ds.losses``). The heads themselves never move.
 """
 import torch
 import torch.nn.functional as F
 
-from ..losses import generalized_jsd, hybrid_uld, uld
 from ..align import merge_log_scales
+from ..engine.heads import HeadSlice, final_hidden_states, head_spec
+from ..losses import (generalized_jsd, hybrid_uld, linear_generalized_jsd, linear_hybrid_uld, linear_token_logprobs,
+                      linear_uld, uld)
+from .collective import RowGather
 
 
 def _forward(engine, inputs):
@@ -34,6 +52,35 @@ def _check_vocab(logits, vocab, who):
         raise ValueError(f"the {who} model has {logits.shape[-1]} logits per position but its tokenizer has {vocab} tokens")
 
 
+class _Heads:
+    """Both models' vocabulary slices, and the fused losses' head arguments, for ``sharded``."""
+
+    def __init__(self, student, teacher, student_vocab, teacher_vocab, shared: bool):
+        import torch.distributed as dist
+        self.world = dist.get_world_size()
+        specs = head_spec(student.module, "student"), head_spec(teacher.module, "teacher")
+        for spec, vocab, who in zip(specs, (student_vocab, teacher_vocab), ("student", "teacher")):
+            rows = spec.module.weight.ds_shape[0] if hasattr(spec.module.weight, "ds_shape") else spec.module.weight.shape[0]
+            if rows < vocab:
+                raise ValueError(f"the {who} model's head has {rows} rows but its tokenizer has {vocab} tokens")
+        self.student = HeadSlice(student, specs[0], student_vocab, "student")
+        # one vocabulary (jsd): the teacher's slices are the student's rows
+        self.teacher = HeadSlice(teacher, specs[1], teacher_vocab, "teacher", self.student.rows if shared else None)
+        self.options = {**specs[0].options("student_"), **specs[1].options("teacher_")}
+
+    def slices(self):
+        """Per micro-step (every rank): (student weight, teacher weight, head keyword arguments)."""
+        with torch.no_grad():
+            t_weight, t_bias = self.teacher.weight(), self.teacher.bias()
+        return self.student.weight(), t_weight, dict(self.options, student_bias=self.student.bias(),
+                                                       teacher_bias=t_bias)
+
+    def token_logprobs(self, side, hidden, weight, bias, tokens, temperature):
+        spec = side.spec
+        return linear_token_logprobs(hidden, weight, tokens, bias=bias, logit_scale=spec.logit_scale,
+                                     softcap=spec.softcap, temperature=temperature, group=torch.distributed.group.WORLD)
+
+
 class SharedVocabularyObjective:
     """Generalized JSD token by token (student and teacher share one vocabulary)."""
 
@@ -41,26 +88,56 @@ class SharedVocabularyObjective:
         self.student, self.teacher, self.vocab = student, teacher, vocab_size
         self.w_div, self.w_ce = distill.divergence_weight, distill.ce_weight
         self.beta, self.temperature = distill.beta, distill.temperature
+        self.heads = _Heads(student, teacher, vocab_size, vocab_size, True) if distill.logits == "sharded" else None
 
     @torch.no_grad()
     def teacher_targets(self, mb):
+        if self.heads is not None:  # the completion rows' hidden states of all ranks
+            mask = mb.student["loss_mask"].to(self.teacher.device)
+            hidden = final_hidden_states(self.teacher, mb.teacher)[:, :-1][mask]
+            return RowGather(hidden.shape[0], hidden.device).gather(hidden)
         logits = _forward(self.teacher, mb.teacher)[:, :-1]
         _check_vocab(logits, self.vocab, "teacher")
         return logits[..., :self.vocab]
 
-    def loss(self, mb, t_logits):
+    def loss(self, mb, targets):
+        if self.heads is not None:
+            return self._sharded_loss(mb, targets)
         mask = mb.student["loss_mask"].to(self.student.device)
         s_logits = _forward(self.student, mb.student)[:, :-1]
         _check_vocab(s_logits, self.vocab, "student")
         s_logits = s_logits[..., :self.vocab]
         loss = 0.0
         if self.w_div:
-            loss = self.w_div * generalized_jsd(s_logits, t_logits.to(s_logits.device), beta=self.beta,
+            loss = self.w_div * generalized_jsd(s_logits, targets.to(s_logits.device), beta=self.beta,
                                                 temperature=self.temperature, mask=mask, reduction="sum")
         if self.w_ce:
-            targets = mb.student["input_ids"][:, 1:].to(mask.device)[mask]
-            loss = loss + self.w_ce * F.cross_entropy(s_logits[mask].float(), targets, reduction="sum")
-        return loss
+            tokens = mb.student["input_ids"][:, 1:].to(mask.device)[mask]
+            loss = loss + self.w_ce * F.cross_entropy(s_logits[mask].float(), tokens, reduction="sum")
+        return loss, float(loss.detach())
+
+    def _sharded_loss(self, mb, t_hidden):
+        mask = mb.student["loss_mask"].to(self.student.device)
+        hidden = final_hidden_states(self.student, mb.student)[:, :-1][mask]
+        rows = RowGather(hidden.shape[0], hidden.device)
+        s_hidden = rows.gather(hidden)
+        s_weight, t_weight, heads = self.heads.slices()
+        loss = 0.0
+        if self.w_div:
+            loss = self.w_div * linear_generalized_jsd(
+                s_hidden, s_weight, t_hidden, t_weight, beta=self.beta, temperature=self.temperature,
+                reduction="sum", group=torch.distributed.group.WORLD, **heads)
+        if self.w_ce:
+            tokens = rows.gather(mb.student["input_ids"][:, 1:].to(mask.device)[mask])
+            loss = loss - self.w_ce * self.heads.token_logprobs(self.heads.student, s_hidden, s_weight,
+                                                                heads["student_bias"], tokens, 1.0).sum()
+        return loss, float(loss) / self.heads.world
+
+
+def _inner_sum(values, start, end):
+    """[G]: per group, the sum of ``values`` over its rows start+1 .. end-1 (fp64 running sum)."""
+    run = torch.cat([values.new_zeros(1, dtype=torch.float64), values.double().cumsum(0)])
+    return (run[end] - run[start + 1]).float()
 
 
 class CrossTokenizerObjective:
@@ -72,21 +149,30 @@ class CrossTokenizerObjective:
         self.w_div, self.w_ce = distill.divergence_weight, distill.ce_weight
         self.ts = distill.temperature
         self.tt = distill.teacher_temperature if distill.teacher_temperature is not None else distill.temperature
+        self.heads = _Heads(student, teacher, self.vs, self.vt, False) if distill.logits == "sharded" else None
         options = dict(student_temperature=self.ts, teacher_temperature=self.tt, reduction="sum")
+        if self.heads is not None:
+            options["group"] = torch.distributed.group.WORLD
+        full, fused = (hybrid_uld, linear_hybrid_uld) if distill.loss == "hybrid_uld" else (uld, linear_uld)
         if distill.loss == "hybrid_uld":
             s_ids, t_ids, match_rate = assembler.matched_vocabulary()
             log(f"[gold_ds] hybrid_uld vocabulary map: {s_ids.numel()} token pairs ({match_rate:.1%} of the "
                 f"teacher's {self.vt} tokens match by bytes; the end-of-turn pair included)")
-            self.matched_ids = (s_ids.to(student.device), t_ids.to(student.device))
-            self.divergence = lambda s, t, **kw: hybrid_uld(
-                s, t, *self.matched_ids, beta=distill.beta, matched_weight=distill.matched_weight,
-                unmatched_weight=distill.unmatched_weight, **options, **kw)
+            ids = (s_ids.to(student.device), t_ids.to(student.device))
+            options.update(beta=distill.beta, matched_weight=distill.matched_weight,
+                           unmatched_weight=distill.unmatched_weight)
+            self.divergence = lambda s, t, *heads, **kw: (fused(s, heads[0], t, heads[1], *ids, **options, **kw)
+                                                          if heads else full(s, t, *ids, **options, **kw))
         else:
-            self.divergence = lambda s, t, **kw: uld(s, t, **options, **kw)
+            self.divergence = lambda s, t, *heads, **kw: (fused(s, heads[0], t, heads[1], **options, **kw)
+                                                          if heads else full(s, t, **options, **kw))
 
     @torch.no_grad()
     def teacher_targets(self, mb):
-        """The teacher's first row of each group and its merged log scale."""
+        """The teacher's first row of each group (logits, or with sharded heads the hidden state)
+        and its merged log scale."""
+        if self.heads is not None:
+            return self._sharded_teacher_targets(mb)
         a, dev = mb.alignment, self.student.device
         t_start, t_end = a.teacher_start.to(dev), a.teacher_end.to(dev)
         t_logits = _forward(self.teacher, mb.teacher)
@@ -98,6 +184,8 @@ class CrossTokenizerObjective:
         return t_rows[t_start], t_scale
 
     def loss(self, mb, targets):
+        if self.heads is not None:
+            return self._sharded_loss(mb, targets)
         a, dev = mb.alignment, self.student.device
         s_logits = _forward(self.student, mb.student)
         _check_vocab(s_logits, self.vs, "student")
@@ -114,11 +202,75 @@ class CrossTokenizerObjective:
         if self.w_ce:  # the completion rows that count (the loss mask in flat row order)
             counted = mb.student["loss_mask"].to(dev)[rows[:, 0], rows[:, 1]]
             loss = loss + self.w_ce * F.cross_entropy(s_rows[counted].float(), tokens[counted], reduction="sum")
-        return loss
+        return loss, float(loss.detach())
+
+    # ------------------------------------------------------------------ sharded heads (see the docstring)
+    def _gathered(self, engine, inputs, rows, tokens, start, end):
+        """All ranks' completion rows of one side: (RowGather, hidden [N, H], tokens [N], group
+        start [G], end [G]) with the group indices shifted to the gathered rows."""
+        dev = engine.device
+        rows = rows.to(dev)
+        hidden = final_hidden_states(engine, inputs)[rows[:, 0], rows[:, 1]]
+        gather = RowGather(hidden.shape[0], dev)
+        groups = RowGather(start.numel(), dev)
+        return (gather, gather.gather(hidden), gather.gather(tokens.to(dev)),
+                groups.gather(start.to(dev) + gather.offset), groups.gather(end.to(dev) + gather.offset))
+
+    @torch.no_grad()
+    def _sharded_teacher_targets(self, mb):
+        a = mb.alignment
+        _, hidden, tokens, start, end = self._gathered(self.teacher, mb.teacher, a.teacher_rows, a.teacher_tokens,
+                                                       a.teacher_start, a.teacher_end)
+        weight, bias = self.heads.teacher.weight(), self.heads.teacher.bias()
+        logp = self.heads.token_logprobs(self.heads.teacher, hidden, weight, bias, tokens, self.tt)
+        return hidden[start], _inner_sum(logp, start, end)
+
+    def _sharded_loss(self, mb, targets):
+        a = mb.alignment
+        rows, hidden, tokens, start, end = self._gathered(self.student, mb.student, a.student_rows, a.student_tokens,
+                                                          a.student_start, a.student_end)
+        s_weight, t_weight, heads = self.heads.slices()
+        s_bias = heads["student_bias"]
+        loss = 0.0
+        logp = None
+        if self.w_div:
+            logp = self.heads.token_logprobs(self.heads.student, hidden, s_weight, s_bias, tokens, self.ts)
+            t_first, t_scale = targets
+            loss = self.w_div * self.divergence(hidden[start], t_first, s_weight, t_weight,
+                                                student_log_scale=_inner_sum(logp, start, end),
+                                                teacher_log_scale=t_scale, **heads)
+        if self.w_ce:
+            if logp is None or self.ts != 1.0:
+                logp = self.heads.token_logprobs(self.heads.student, hidden, s_weight, s_bias, tokens, 1.0)
+            dev = self.student.device
+            src = a.student_rows.to(dev)
+            counted = rows.gather(mb.student["loss_mask"].to(dev)[src[:, 0], src[:, 1]])
+            loss = loss - self.w_ce * logp[counted].sum()
+        return loss, float(loss) / self.heads.world
+
+
+def completion_nll(engine, head, batch, vocab: int):
+    """(summed NLL of a batch's completion tokens (``loss_mask``), this rank's share of it); with
+    ``head`` (a ``HeadSlice``) from the final hidden states of all ranks' rows, else from the
+    logits (the first ``vocab``: the tokenizer's)."""
+    mask = batch["loss_mask"].to(engine.device)
+    tokens = batch["input_ids"][:, 1:].to(engine.device)[mask]
+    if head is None:
+        logits = _forward(engine, batch)[:, :-1]
+        loss = F.cross_entropy(logits[mask][:, :vocab].float(), tokens, reduction="sum")
+        return loss, float(loss.detach())
+    hidden = final_hidden_states(engine, batch)[:, :-1][mask]
+    rows = RowGather(hidden.shape[0], hidden.device)
+    logp = linear_token_logprobs(rows.gather(hidden), head.weight(), rows.gather(tokens), bias=head.bias(),
+                                 logit_scale=head.spec.logit_scale, softcap=head.spec.softcap,
+                                 group=torch.distributed.group.WORLD)
+    loss = -logp.sum()
+    return loss, float(loss) / torch.distributed.get_world_size()
 
 
 def build_objective(distill, student, teacher, assembler, log):
-    """The objective of ``distill.loss`` (``student``, ``teacher``: the engines)."""
+    """The objective of ``distill.loss`` (``student``, ``teacher``: the engines). A head that
+    ``distill.logits=sharded`` cannot apply is a ``ConfigError`` naming the model and the fallback."""
     if distill.cross_tokenizer:
         return CrossTokenizerObjective(distill, student, teacher, assembler, log)
     return SharedVocabularyObjective(distill, student, teacher, len(assembler.student.tokenizer))

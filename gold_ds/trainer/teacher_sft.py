@@ -11,13 +11,14 @@ import os
 import time
 
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..data import RankSampler
 from ..engine.checkpoint import export_hf
+from ..engine.heads import HeadSlice, head_spec
 from ..engine.models import build_training_engine
 from .collective import global_sum
+from .objective import completion_nll
 
 
 def teacher_sft(cfg, assembler, train_data, world: int, log, resumed: bool) -> ModelConfig:
@@ -36,19 +37,19 @@ def teacher_sft(cfg, assembler, train_data, world: int, log, resumed: bool) -> M
     micro, ga = sft.deepspeed["train_micro_batch_size_per_gpu"], sft.deepspeed["gradient_accumulation_steps"]
     sampler = RankSampler(len(train_data), dist.get_rank(), world, cfg.seed + 1, cfg.data.shuffle)
     side, vocab = assembler.teacher, len(assembler.teacher.tokenizer)
+    head = None
+    if cfg.distill.logits == "sharded":  # the same path as distillation's (see objective.py)
+        head = HeadSlice(engine, head_spec(engine.module, "teacher"), vocab, "teacher")
     t_start = time.perf_counter()
     for step in range(sft.max_steps):
         window = [[assembler.teacher_sample(train_data.rows[i]) for i in sampler.take(micro)] for _ in range(ga)]
         tokens = sum(global_sum([float(sum(len(s.completion_ids) for s in w)) for w in window], engine.device))
         loss_sum = 0.0
         for samples in window:
-            batch = {k: v.to(engine.device) for k, v in side.batch(samples).items()}
-            mask = batch["loss_mask"]
-            logits = engine(**{k: v for k, v in batch.items() if k != "loss_mask"}).logits[:, :-1]
-            loss = F.cross_entropy(logits[mask][:, :vocab].float(), batch["input_ids"][:, 1:][mask], reduction="sum")
+            loss, share = completion_nll(engine, head, side.batch(samples), vocab)
             engine.backward(loss * (world / tokens), scale_wrt_gas=False)
             engine.step()
-            loss_sum += loss.item()
+            loss_sum += share
         loss = global_sum([loss_sum], engine.device)[0] / tokens
         if (step + 1) % cfg.logging.every == 0:
             log.log(step + 1, {"loss": loss}, stage="teacher_sft")
