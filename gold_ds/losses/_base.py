@@ -130,19 +130,21 @@ class LinearHead:
 
 
 def check_head(side, hidden, weight, bias, logit_scale, softcap):
-    """Validate one side's (hidden [..., H], weight [V_local, H], bias, logit_scale, softcap)."""
-    check_logits(f"{side}_hidden", hidden)
+    """Validate one side's (hidden [..., H], weight [V_local, H], bias, logit_scale, softcap); ``side``
+    prefixes the argument names ("student", "teacher", or "" for none)."""
+    side = f"{side}_" if side else ""
+    check_logits(f"{side}hidden", hidden)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point() \
             or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
         got = f"shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else repr(weight)
-        raise ValueError(f"{side}_weight must be a floating-point [V_local, {hidden.shape[-1]}] tensor (this rank's "
+        raise ValueError(f"{side}weight must be a floating-point [V_local, {hidden.shape[-1]}] tensor (this rank's "
                          f"vocabulary slice of the head, rows = tokens); got {got}")
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
         got = f"shape {tuple(bias.shape)}" if isinstance(bias, torch.Tensor) else repr(bias)
-        raise ValueError(f"{side}_bias must be None or a [{weight.shape[0]}] tensor (one per weight row); got {got}")
-    check_positive(f"{side}_logit_scale", logit_scale)
+        raise ValueError(f"{side}bias must be None or a [{weight.shape[0]}] tensor (one per weight row); got {got}")
+    check_positive(f"{side}logit_scale", logit_scale)
     if softcap is not None:
-        check_positive(f"{side}_softcap", softcap)
+        check_positive(f"{side}softcap", softcap)
     return LinearHead(weight, bias, logit_scale, softcap)
 
 

@@ -175,8 +175,8 @@ def linear_token_logprobs(hidden, weight, tokens, *, bias=None, logit_scale=1.0,
     weight and bias (backward recomputes each chunk's logits; under ``group`` the hidden gradient
     is this slice's contribution, see the module docstring). Under ``group``, per chunk one MAX
     all_reduce of [n] and one SUM all_reduce of [2, n]."""
-    head = _base.check_head("", hidden, weight, bias, logit_scale, softcap) if hidden.dim() == 2 else None
-    if head is None:
+    head = _base.check_head("", hidden, weight, bias, logit_scale, softcap)
+    if hidden.dim() != 2:
         raise ValueError(f"hidden must be [n, H]; got shape {tuple(hidden.shape)}")
     _base.check_positive("temperature", temperature)
     if not isinstance(tokens, torch.Tensor) or tuple(tokens.shape) != (hidden.shape[0],) \
