@@ -237,3 +237,16 @@ def _worker(tmp):
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_heads_match_full_and_fp64(world, tmp_path):
     run_ranks(_worker, world, str(tmp_path), err_dir=str(tmp_path / "errors"))
+
+
+def test_unknown_head_is_refused_naming_the_model_and_the_fallback():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from gold_ds.config import ConfigError
+    from gold_ds.engine.heads import head_spec
+    model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16))
+    with pytest.raises(ConfigError, match=r"teacher model \(GPT2LMHeadModel, model_type 'gpt2'\).*distill.logits=full"):
+        head_spec(model, "teacher")
+    llama = __import__("conftest").plain_model(llama_config(16, vocab=50), dtype="float32")
+    llama.lm_head = torch.nn.Sequential(llama.lm_head)  # a head that is not a plain Linear
+    with pytest.raises(ConfigError, match=r"student model's output head is a Sequential.*distill.logits=full"):
+        head_spec(llama, "student")

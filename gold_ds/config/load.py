@@ -137,7 +137,7 @@ def _check_training_ds(ds: dict, key: str) -> None:
         _positive_int(ds["train_batch_size"], f"{key}.train_batch_size")
 
 
-def _check_offload(ds: dict, key: str) -> None:
+def _check_offload(ds: dict, key: str, logits: str) -> None:
     off = ds.get("zero_optimization", {}).get("offload_param")
     if off is None:
         return
@@ -147,6 +147,10 @@ def _check_offload(ds: dict, key: str) -> None:
     if dev == "nvme" and not off.get("nvme_path"):
         _fail(f"{key}.zero_optimization.offload_param.nvme_path", None,
               "required with device 'nvme': a directory on a fast local disk")
+    if dev == "nvme" and logits == "sharded":
+        _fail(f"{key}.zero_optimization.offload_param.device", dev,
+              "'cpu' or 'none' with distill.logits 'sharded' (each rank reads its vocabulary slice of the head "
+              "from its own partition, which NVMe offload keeps on disk); or set distill.logits 'full'")
 
 
 def _check_model(m, key: str) -> None:
@@ -207,8 +211,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     if "optimizer" in cfg.teacher.deepspeed:
         _fail("teacher.deepspeed.optimizer", cfg.teacher.deepspeed["optimizer"],
               "the teacher is frozen (ZeRO-inference): remove the optimizer section")
-    _check_offload(cfg.teacher.deepspeed, "teacher.deepspeed")
-    _check_offload(cfg.student.deepspeed, "student.deepspeed")
+    _check_offload(cfg.teacher.deepspeed, "teacher.deepspeed", cfg.distill.logits)
+    _check_offload(cfg.student.deepspeed, "student.deepspeed", cfg.distill.logits)
     if cfg.teacher.sft.max_steps < 0:
         _fail("teacher.sft.max_steps", cfg.teacher.sft.max_steps, "expected an integer >= 0")
     if cfg.teacher.sft.max_steps > 0:
