@@ -147,7 +147,7 @@ def _close(got, want, what, floor=0.0):
     assert err <= TOL * scale, f"{what}: off by {err:.3e} (max |ref| {want.abs().max():.3e})"
 
 
-CHUNK = 4  # rows per chunk in the fused losses here (their default would cover a whole micro-step)
+CHUNK = 4  # rows per kernel chunk in the fused losses here (their default would cover a whole micro-step)
 
 
 class _WideTensors(torch.utils._python_dispatch.TorchDispatchMode):
@@ -174,9 +174,11 @@ def _worker(tmp):
     from gold_ds.trainer import build_trainer
     from gold_ds.trainer.collective import global_sum
     from gold_ds.trainer.objective import build_objective
-    from gold_ds.losses import linear
+    from gold_ds.losses import _base, linear
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    linear.LINEAR_CHUNK_BYTES = 4 * CHUNK * 333  # CHUNK rows at the largest vocabulary below (333)
+    # a few rows per head chunk, at most CHUNK per kernel sub-chunk (the smallest vocabulary below: 274)
+    linear.LINEAR_CHUNK_BYTES = 4 * 2 * CHUNK * 333
+    _base.CHUNK_BYTES = 4 * CHUNK * 274
     for name, raw in _cases(tmp):
         if raw is None:
             raw = _vlm_case(f"{tmp}/vlm")

@@ -180,7 +180,7 @@ class _ChunkedLoss(torch.autograd.Function):
 
 
 def chunked_loss(kernel, student, teacher, student_log_scale, teacher_log_scale, mask, reduction, chunk_size,
-                 heads=(None, None)):
+                 heads=(None, None), kernel_rows=None):
     """Apply ``kernel`` to the counted rows, ``chunk_size`` rows at a time; return the reduced loss.
 
     kernel(s, t, s_scale, t_scale, need, weight) gets fp32 [n, Vs_local], [n, Vt_local] and fp32 [n]
@@ -193,7 +193,9 @@ def chunked_loss(kernel, student, teacher, student_log_scale, teacher_log_scale,
     states [..., H] and each chunk's logits are computed from it (and its gradient chained back
     through the head) inside the chunk, so no [rows, V] logits tensor outlives a chunk. Under a
     vocabulary group the hidden-state gradient is this rank's slice's contribution (the
-    column-parallel convention: sum it over the group).
+    column-parallel convention: sum it over the group). ``kernel_rows``: the kernel then runs on
+    sub-chunks of that many rows (the head's matmuls want many rows, the kernel's elementwise passes
+    want blocks that stay in cache); the logits' gradient overwrites the logits.
     """
     inputs = (student, teacher, student_log_scale, teacher_log_scale)
     params = [t for h in heads for t in ((None, None) if h is None else (h.weight, h.bias))]
@@ -220,10 +222,24 @@ def chunked_loss(kernel, student, teacher, student_log_scale, teacher_log_scale,
             rows = select(start, min(start + chunk_size, counted))
             chunk = [None if x is None else x[rows] for x in flat]
             z = [chunk[i].float() if heads[i] is None else heads[i].logits(chunk[i]) for i in (0, 1)]
+            logits = [zi if heads[i] is None else zi[0] for i, zi in enumerate(z)]
             scales = [None if x is None else x.float() for x in chunk[2:]]
-            row_loss, *chunk_grads = kernel(*(zi if heads[i] is None else zi[0] for i, zi in enumerate(z)),
-                                            *scales, kernel_need, weight)
-            total += row_loss.sum(dtype=torch.float64)
+            n = logits[0].shape[0]
+            step = min(kernel_rows or n, n)
+            chunk_grads = [None] * 4
+            for a in range(0, n, step):  # the kernel on sub-chunks: its dozen passes stay in cache
+                b = min(a + step, n)
+                row_loss, *g = kernel(*(x[a:b] for x in logits), *(None if x is None else x[a:b] for x in scales),
+                                      kernel_need, weight)
+                total += row_loss.sum(dtype=torch.float64)
+                if step == n:
+                    chunk_grads = g
+                    break
+                for i, gi in enumerate(g):
+                    if gi is not None:
+                        if chunk_grads[i] is None:  # a head's logits are not needed after the kernel: reuse them
+                            chunk_grads[i] = logits[i] if i < 2 and heads[i] is not None else gi.new_empty(n)
+                        chunk_grads[i][a:b] = gi
             for i in (0, 1):
                 g = chunk_grads[i]
                 if heads[i] is not None and g is not None:

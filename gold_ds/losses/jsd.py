@@ -43,7 +43,8 @@ def generalized_jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0
                     chunk_size=_base.auto_chunk_size(chunk_size, sum(e[1] for e in every)))
 
 
-def jsd_loss(student, teacher, *, beta, temperature, mask, reduction, group, chunk_size, heads=(None, None)):
+def jsd_loss(student, teacher, *, beta, temperature, mask, reduction, group, chunk_size, heads=(None, None),
+             kernel_rows=None):
     """The chunked JSD of checked inputs: logits, or hidden states with ``heads`` (see ``_base``)."""
     beta, temperature = float(beta), float(temperature)
 
@@ -56,4 +57,4 @@ def jsd_loss(student, teacher, *, beta, temperature, mask, reduction, group, chu
         g_t = to_logit_grad(r_a, a, sum_a, weight / temperature) if need[1] else None
         return c_a * sum_a + c_b * sum_b, g_s, g_t, None, None
 
-    return _base.chunked_loss(kernel, student, teacher, None, None, mask, reduction, chunk_size, heads)
+    return _base.chunked_loss(kernel, student, teacher, None, None, mask, reduction, chunk_size, heads, kernel_rows)

@@ -24,9 +24,10 @@ from . import _base
 from .jsd import jsd_loss
 from .uld import _check_pair, hybrid_uld_loss, uld_loss
 
-# Bytes of one fp32 [chunk_size, V] block when chunk_size is chosen automatically: larger than the
-# logits losses' (the head's matmuls want rows), ~0.5-1 GiB of working set per chunk.
-LINEAR_CHUNK_BYTES = 64 << 20
+# Bytes of one fp32 [chunk_size, V_local] logits block when chunk_size is chosen automatically (the
+# head's matmuls want many rows; one block per side lives at a time). The divergence kernels then
+# run on sub-chunks of the logits losses' size (``_base.CHUNK_BYTES``), which stay in cache.
+LINEAR_CHUNK_BYTES = 256 << 20
 
 
 def _heads(student_hidden, student_weight, student_bias, student_logit_scale, student_softcap,
@@ -41,8 +42,15 @@ def _heads(student_hidden, student_weight, student_bias, student_logit_scale, st
     return heads
 
 
-def _chunk(chunk_size, vocab):
-    return chunk_size if chunk_size is not None else max(1, LINEAR_CHUNK_BYTES // (4 * vocab))
+def _chunk(chunk_size, local_vocab):
+    """Rows per head chunk: ``chunk_size``, or LINEAR_CHUNK_BYTES per fp32 [rows, local_vocab] block
+    (``local_vocab``: the largest slice of any rank, so that every rank picks the same)."""
+    return chunk_size if chunk_size is not None else max(1, LINEAR_CHUNK_BYTES // (4 * local_vocab))
+
+
+def _kernel_rows(head_rows, vocab):
+    """Rows per kernel sub-chunk: the logits losses' default for the full ``vocab``, at most ``head_rows``."""
+    return min(head_rows, _base.auto_chunk_size(None, vocab))
 
 
 def linear_generalized_jsd(student_hidden, student_weight, teacher_hidden, teacher_weight, *, beta=0.5,
@@ -66,13 +74,14 @@ def linear_generalized_jsd(student_hidden, student_weight, teacher_hidden, teach
     _base.check_row_tensor("mask", mask, student_hidden.shape[:-1], floating=False)
     _base.check_common(reduction, chunk_size)
     every = _base.vocab_sizes(group, student_hidden.shape[:-1].numel(), student_weight.shape[0])
+    rows = _chunk(chunk_size, max(e[1] for e in every))
     return jsd_loss(student_hidden, teacher_hidden, beta=beta, temperature=temperature, mask=mask,
-                    reduction=reduction, group=group, chunk_size=_chunk(chunk_size, sum(e[1] for e in every)),
-                    heads=heads)
+                    reduction=reduction, group=group, chunk_size=rows, heads=heads,
+                    kernel_rows=_kernel_rows(rows, sum(e[1] for e in every)))
 
 
 def _pair(student_hidden, student_weight, teacher_hidden, teacher_weight, options):
-    """Check a cross-vocabulary pair; returns (heads, every) and sets options' chunk_size."""
+    """Check a cross-vocabulary pair; returns (heads, every) and sets options' chunk sizes."""
     heads = _heads(student_hidden, student_weight, options.pop("student_bias"), options.pop("student_logit_scale"),
                    options.pop("student_softcap"), teacher_hidden, teacher_weight, options.pop("teacher_bias"),
                    options.pop("teacher_logit_scale"), options.pop("teacher_softcap"))
@@ -81,7 +90,9 @@ def _pair(student_hidden, student_weight, teacher_hidden, teacher_weight, option
                 options["student_temperature"], options["teacher_temperature"], options["student_log_scale"],
                 options["teacher_log_scale"], options["mask"], options["reduction"], options["chunk_size"])
     every = _base.vocab_sizes(options["group"], rows.numel(), student_weight.shape[0], teacher_weight.shape[0])
-    options["chunk_size"] = _chunk(options["chunk_size"], max(sum(e[1] for e in every), sum(e[2] for e in every)))
+    options["chunk_size"] = _chunk(options["chunk_size"], max(max(e[1], e[2]) for e in every))
+    options["kernel_rows"] = _kernel_rows(options["chunk_size"], max(sum(e[1] for e in every),
+                                                                     sum(e[2] for e in every)))
     return heads, every
 
 
@@ -189,4 +200,4 @@ def linear_token_logprobs(hidden, weight, tokens, *, bias=None, logit_scale=1.0,
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
         raise ValueError(f"tokens must lie in [0, {vocab}) (the full vocabulary)")
     return _TokenLogprobs.apply(head, offset, tokens.long().to(hidden.device), float(temperature), group,
-                                _chunk(chunk_size, vocab), hidden, weight, bias)
+                                _chunk(chunk_size, max(e[1] for e in every)), hidden, weight, bias)

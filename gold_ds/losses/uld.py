@@ -127,7 +127,7 @@ def uld(student_logits, teacher_logits, *, student_temperature=1.0, teacher_temp
 
 
 def uld_loss(student, teacher, *, student_temperature, teacher_temperature, student_log_scale, teacher_log_scale,
-             mask, reduction, group, chunk_size, every, heads=(None, None)):
+             mask, reduction, group, chunk_size, every, heads=(None, None), kernel_rows=None):
     """The chunked ULD of checked inputs: logits, or hidden states with ``heads`` (see ``_base``);
     ``every``: the ranks' (rows, Vs_local, Vt_local)."""
     ts, tt = float(student_temperature), float(teacher_temperature)
@@ -139,7 +139,7 @@ def uld_loss(student, teacher, *, student_temperature, teacher_temperature, stud
         return (loss, *_grads(need, weight, r_b, p_s, ts, r_a, p_t, tt))
 
     return _base.chunked_loss(_row_layout(kernel, group, every), student, teacher, student_log_scale,
-                              teacher_log_scale, mask, reduction, chunk_size, heads)
+                              teacher_log_scale, mask, reduction, chunk_size, heads, kernel_rows)
 
 
 def _check_ids(name, ids, vocab):
@@ -192,7 +192,7 @@ def hybrid_uld(student_logits, teacher_logits, student_ids, teacher_ids, *, beta
 
 def hybrid_uld_loss(student, teacher, student_ids, teacher_ids, *, beta, matched_weight, unmatched_weight,
                     student_temperature, teacher_temperature, student_log_scale, teacher_log_scale, mask,
-                    reduction, group, chunk_size, every, heads=(None, None)):
+                    reduction, group, chunk_size, every, heads=(None, None), kernel_rows=None):
     """The chunked hybrid ULD of checked inputs (ids checked here): logits, or hidden states with
     ``heads`` (see ``_base``); ``every``: the ranks' (rows, Vs_local, Vt_local); ``chunk_size`` None
     picks the logits losses' default."""
@@ -224,4 +224,4 @@ def hybrid_uld_loss(student, teacher, student_ids, teacher_ids, *, beta, matched
 
     return _base.chunked_loss(_row_layout(kernel, group, every), student, teacher, student_log_scale,
                               teacher_log_scale, mask, reduction, _base.auto_chunk_size(chunk_size, max(vs, vt)),
-                              heads)
+                              heads, kernel_rows)
