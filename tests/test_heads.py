@@ -1,9 +1,9 @@
 """distill.logits=sharded in training: the loss and the full gradient of a micro-step equal the
 ``full`` path's and an fp64 reference's (2 and 3 ZeRO-3 gloo ranks, one rank with zero completion
-rows), for jsd, uld and hybrid_uld, tied and untied heads, a head bias, softcapping, a model
-vocabulary padded beyond the tokenizer (ZeRO-3 partitions off row boundaries), and one
-vision-language pair; and a sharded step never calls a head module nor allocates a tensor as wide
-as the full vocabulary."""
+rows), for jsd, uld and hybrid_uld, tied and untied heads, a head bias, softcapping, Cohere's and
+Granite's logit scales, a model vocabulary padded beyond the tokenizer (ZeRO-3 partitions off row
+boundaries), and one vision-language pair; and a sharded step never calls a head module nor
+allocates more than a chunk of rows as wide as the full vocabulary."""
 import copy
 import dataclasses
 import json
@@ -31,6 +31,14 @@ def _gemma2(vocab, hidden=32, softcap=3.0):
             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
             "max_position_embeddings": 64, "final_logit_softcapping": softcap, "sliding_window": 16,
             "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": True}
+
+
+def _cohere(vocab, hidden=32):
+    return dict(llama_config(hidden, vocab=vocab), model_type="cohere", logit_scale=0.5, tie_word_embeddings=True)
+
+
+def _granite(vocab, hidden=64):
+    return dict(llama_config(hidden, vocab=vocab), model_type="granite", logits_scaling=4.0)
 
 
 def _tied(config):
@@ -77,6 +85,8 @@ def _cases(tmp):
         # phi: a head bias; gemma2: softcapping and a tied head; 301 > 274: a padded model vocabulary
         ("jsd-bias-padded", _text_case(f"{tmp}/b", _phi(301), _gemma2(274, 64))),
         ("jsd-softcap-tied", _text_case(f"{tmp}/c", _gemma2(274), _tied(llama_config(64, vocab=290)))),
+        # Cohere multiplies its logits by logit_scale, Granite divides them by logits_scaling
+        ("jsd-logit-scales", _text_case(f"{tmp}/f", _cohere(274), _granite(274))),
         ("uld", _text_case(f"{tmp}/d", llama_config(32, vocab=unigram), llama_config(64), loss="uld")),
         ("hybrid_uld-tied-padded", _text_case(f"{tmp}/e", _tied(llama_config(32, vocab=unigram + 5)),
                                               _phi(274, 64), loss="hybrid_uld")),
