@@ -52,19 +52,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+from losses import status_kib  # noqa: E402  (bench/losses.py, beside this file)
 
 WORKDIR = os.path.join(ROOT, "runs", "bench-heads")
 TOKENIZER_DIR = os.path.join(WORKDIR, "tekken")
 DATA_PATH = os.path.join(WORKDIR, "train.jsonl")
 RESULT_TAG = "BENCH_HEADS_RESULT "
-
-
-def status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def reset_peak():

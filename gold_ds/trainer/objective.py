@@ -32,6 +32,7 @@ How the logits are formed (``distill.logits``):
   probabilities for uld/hybrid_uld (see ``gold_ds.losses``). The heads themselves never move.
 """
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..align import merge_log_scales
@@ -56,7 +57,6 @@ class _Heads:
     """Both models' vocabulary slices, and the fused losses' head arguments, for ``sharded``."""
 
     def __init__(self, student, teacher, student_vocab, teacher_vocab, shared: bool):
-        import torch.distributed as dist
         self.world = dist.get_world_size()
         specs = head_spec(student.module, "student"), head_spec(teacher.module, "teacher")
         for spec, vocab, who in zip(specs, (student_vocab, teacher_vocab), ("student", "teacher")):
@@ -78,7 +78,7 @@ class _Heads:
     def token_logprobs(self, side, hidden, weight, bias, tokens, temperature):
         spec = side.spec
         return linear_token_logprobs(hidden, weight, tokens, bias=bias, logit_scale=spec.logit_scale,
-                                     softcap=spec.softcap, temperature=temperature, group=torch.distributed.group.WORLD)
+                                     softcap=spec.softcap, temperature=temperature, group=dist.group.WORLD)
 
 
 class SharedVocabularyObjective:
@@ -126,7 +126,7 @@ class SharedVocabularyObjective:
         if self.w_div:
             loss = self.w_div * linear_generalized_jsd(
                 s_hidden, s_weight, t_hidden, t_weight, beta=self.beta, temperature=self.temperature,
-                reduction="sum", group=torch.distributed.group.WORLD, **heads)
+                reduction="sum", group=dist.group.WORLD, **heads)
         if self.w_ce:
             tokens = rows.gather(mb.student["input_ids"][:, 1:].to(mask.device)[mask])
             loss = loss - self.w_ce * self.heads.token_logprobs(self.heads.student, s_hidden, s_weight,
@@ -152,7 +152,7 @@ class CrossTokenizerObjective:
         self.heads = _Heads(student, teacher, self.vs, self.vt, False) if distill.logits == "sharded" else None
         options = dict(student_temperature=self.ts, teacher_temperature=self.tt, reduction="sum")
         if self.heads is not None:
-            options["group"] = torch.distributed.group.WORLD
+            options["group"] = dist.group.WORLD
         full, fused = (hybrid_uld, linear_hybrid_uld) if distill.loss == "hybrid_uld" else (uld, linear_uld)
         if distill.loss == "hybrid_uld":
             s_ids, t_ids, match_rate = assembler.matched_vocabulary()
@@ -263,9 +263,9 @@ def completion_nll(engine, head, batch, vocab: int):
     rows = RowGather(hidden.shape[0], hidden.device)
     logp = linear_token_logprobs(rows.gather(hidden), head.weight(), rows.gather(tokens), bias=head.bias(),
                                  logit_scale=head.spec.logit_scale, softcap=head.spec.softcap,
-                                 group=torch.distributed.group.WORLD)
+                                 group=dist.group.WORLD)
     loss = -logp.sum()
-    return loss, float(loss) / torch.distributed.get_world_size()
+    return loss, float(loss) / dist.get_world_size()
 
 
 def build_objective(distill, student, teacher, assembler, log):
