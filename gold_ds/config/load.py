@@ -55,11 +55,16 @@ def apply_override(raw: dict, parts: list, value: Any) -> None:
 def _convert(tp, value, key):
     """Check ``value`` against the annotation ``tp`` and convert nested sections to dataclasses."""
     origin = typing.get_origin(tp)
-    if origin is Union:  # Optional[X]
+    if origin is Union:  # Optional[X], or a choice of types (the first that fits)
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
+        if value is None and len(args) < len(typing.get_args(tp)):
             return None
-        return _convert(args[0], value, key)
+        for arg in args[:-1]:
+            try:
+                return _convert(arg, value, key)
+            except ConfigError:
+                pass
+        return _convert(args[-1], value, key)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -165,6 +170,22 @@ def _check_model(m, key: str) -> None:
                   f"vision-language model, {key}.processor)")
 
 
+def _check_lora(lora, key: str) -> None:
+    _positive_int(lora.rank, f"{key}.rank")
+    if lora.alpha <= 0:
+        _fail(f"{key}.alpha", lora.alpha, "expected a number > 0")
+    if not 0.0 <= lora.dropout < 1.0:
+        _fail(f"{key}.dropout", lora.dropout, "expected a probability in [0, 1)")
+    targets = lora.target_modules
+    if isinstance(targets, str) and targets != "all-linear" or isinstance(targets, list) and not targets:
+        _fail(f"{key}.target_modules", targets, "expected 'all-linear' or a non-empty list of module names")
+    for k, names in (("target_modules", [] if isinstance(targets, str) else targets), ("modules_to_save", lora.modules_to_save)):
+        if not all(isinstance(n, str) and n for n in names):
+            _fail(f"{key}.{k}", names, "expected a list of module names (non-empty strings)")
+    if importlib.util.find_spec("peft") is None:
+        _fail(key, "a LoRA section", "LoRA needs the peft library: pip install -e '.[lora]'")
+
+
 def _check_rollout_vllm(r, d) -> None:
     """The vLLM backends' keys (checked whatever the backend, so a preset is valid or not as a whole)."""
     if not isinstance(r.stop_token_ids, list) or not all(
@@ -213,6 +234,10 @@ def validate(cfg: RunConfig) -> RunConfig:
               "the teacher is frozen (ZeRO-inference): remove the optimizer section")
     _check_offload(cfg.teacher.deepspeed, "teacher.deepspeed", cfg.distill.logits)
     _check_offload(cfg.student.deepspeed, "student.deepspeed", cfg.distill.logits)
+    if cfg.student.lora is not None:
+        _check_lora(cfg.student.lora, "student.lora")
+    if cfg.export.merge_lora and cfg.student.lora is None:
+        _fail("export.merge_lora", True, "there is no adapter to merge: set student.lora, or leave it false")
     if cfg.teacher.sft.max_steps < 0:
         _fail("teacher.sft.max_steps", cfg.teacher.sft.max_steps, "expected an integer >= 0")
     if cfg.teacher.sft.max_steps > 0:

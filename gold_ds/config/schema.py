@@ -5,7 +5,7 @@ declared; the README's config reference lists the sections. Keys are read by the
 part it hands them to) and nowhere else.
 """
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 
 @dataclass
@@ -42,11 +42,32 @@ class TeacherSFTConfig:
 
 
 @dataclass
+class LoraConfig:
+    """A LoRA adapter on the student, applied with ``peft`` (the ``lora`` extra) before the DeepSpeed
+    engine is made: the base weights are frozen and only the adapter (and ``modules_to_save``) train."""
+    rank: int = 16
+    """The adapter's rank r."""
+    alpha: float = 32.0
+    """Scaling numerator: the update is (alpha / rank) * B @ A."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    target_modules: Union[str, list] = "all-linear"
+    """Modules that get an adapter: ``all-linear`` (every linear layer but the output head; of a
+    vision-language model, the language model's), or a list of names, each matching a module whose
+    qualified name is it or ends in ``.<name>`` (``["q_proj", "v_proj"]``)."""
+    modules_to_save: list = field(default_factory=list)
+    """Modules trained fully beside the adapter, matched like ``target_modules`` (e.g.
+    ``["embed_tokens", "lm_head"]`` for a new tokenizer); saved in the adapter."""
+
+
+@dataclass
 class StudentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     deepspeed: dict = field(default_factory=dict)
     """The student's DeepSpeed config: ZeRO stage 3, optimizer, scheduler,
     ``train_micro_batch_size_per_gpu`` and ``gradient_accumulation_steps`` (the window length)."""
+    lora: Optional[LoraConfig] = None
+    """Train a LoRA adapter instead of every weight (null: full fine-tuning)."""
 
 
 @dataclass
@@ -238,7 +259,12 @@ class CheckpointConfig:
 @dataclass
 class ExportConfig:
     enabled: bool = True
-    """At the end, write a Hugging Face model (consolidated weights + tokenizer) to ``<output_dir>/export``."""
+    """At the end, write a Hugging Face model (consolidated weights + tokenizer) to ``<output_dir>/export``.
+    With ``student.lora``: the adapter in ``peft``'s format (``PeftModel.from_pretrained`` on the
+    base model loads it) and the tokenizer."""
+    merge_lora: bool = False
+    """With ``student.lora``: also write the merged model (base + adapter, loadable with
+    ``from_pretrained``) to ``<output_dir>/export-merged``."""
 
 
 @dataclass

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from .lora import transformers_model
 
 # model_type -> how the CausalLM forward turns the head's output into logits (transformers 5.19):
 # "plain" (lm_head only), "softcap" (final_logit_softcapping), "scale" (logits * logit_scale),
@@ -57,9 +58,12 @@ class HeadSpec:
 def head_spec(model, who: str) -> HeadSpec:
     """The output head of a transformers causal LM or image-text-to-text model, or UnsupportedHead
     naming the model (``who``: "student" or "teacher") and the fallback."""
+    model = transformers_model(model)
     model_type = model.config.model_type
     form = HEAD_FORMS.get(model_type)
     head = model.get_output_embeddings()
+    if hasattr(head, "modules_to_save") and hasattr(head, "original_module"):  # peft's trained copy (LoRA)
+        head = next(iter(head.modules_to_save.values()))
     fallback = f"set distill.logits=full to compute the {who}'s logits with the model's own forward"
     if form is None:
         raise UnsupportedHead(f"distill.logits=sharded: the {who} model ({type(model).__name__}, model_type "
@@ -83,7 +87,7 @@ def final_hidden_states(engine, inputs: dict) -> torch.Tensor:
     base (decoder, or vision-language model) in place of the full forward: DeepSpeed's hooks run
     as for any forward, the head is never called."""
     model = engine.module
-    base = model.base_model
+    base = transformers_model(model).base_model
     model.forward = lambda **kw: base(**kw, use_cache=False).last_hidden_state
     try:
         return engine(**{k: v.to(engine.device) for k, v in inputs.items() if k != "loss_mask"})

@@ -60,12 +60,17 @@ def build_model(model_cfg, ds_config: dict):
     return model
 
 
-def build_training_engine(model_cfg, ds: dict, world_size: int):
-    """A ZeRO-3 training engine (optimizer and LR schedule from the DeepSpeed config)."""
+def build_training_engine(model_cfg, ds: dict, world_size: int, lora=None):
+    """A ZeRO-3 training engine (optimizer and LR schedule from the DeepSpeed config). With ``lora``
+    (a ``LoraConfig`` section) the model carries a peft adapter and only the parameters that train
+    (adapter, ``modules_to_save``) reach the optimizer."""
     import deepspeed
     ds_config = training_ds_config(ds, world_size)
     model = build_model(model_cfg, ds_config)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()],
+    if lora is not None:
+        from .lora import apply_lora
+        model = apply_lora(model, lora, model_cfg.init_seed)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds_config)
     engine.train()
     return engine

@@ -7,8 +7,9 @@ the extra memory is one bucket: at most ``bucket_bytes`` of full tensors, or the
 parameter when that is larger.
 
 Names are Hugging Face checkpoint names (what ``save_pretrained`` would write, what vLLM's
-``load_weights`` reads): PEFT wrappers are stripped and LoRA adapters are merged into their base
-weights (``W + scaling * B @ A``), so the consumer sees a plain model.
+``load_weights`` reads): PEFT wrappers are stripped, LoRA adapters are merged into their base
+weights (``W + scaling * B @ A``) and a ``modules_to_save`` module is its trained copy, so the
+consumer sees a plain model.
 
 Which ranks call it: every rank of the student's ZeRO-3 group, and every rank must consume the whole
 iterator (each bucket's gather and release are collectives). Stopping early on one rank hangs the
@@ -19,12 +20,13 @@ import re
 import torch
 
 _PEFT_PREFIX = re.compile(r"^(base_model\.model\.)")
+_TRAINED_COPY = re.compile(r"\.modules_to_save\.[^.]+\.")  # peft's trained copy of a ``modules_to_save`` module
 
 
 def checkpoint_name(name: str) -> str:
     """A parameter's name in the model's Hugging Face checkpoint: without PEFT's
-    ``base_model.model.`` prefix and ``.base_layer`` wrapper."""
-    return _PEFT_PREFIX.sub("", name).replace(".base_layer.", ".")
+    ``base_model.model.`` prefix, ``.base_layer`` wrapper and ``modules_to_save`` copy."""
+    return _TRAINED_COPY.sub(".", _PEFT_PREFIX.sub("", name).replace(".base_layer.", "."))
 
 
 def _lora_layers(module) -> dict:
@@ -45,7 +47,7 @@ def _units(module) -> list:
             owner_of[pname] = lname
     units, seen, lora_units = [], set(), {}
     for name, p in module.named_parameters():
-        if id(p) in seen:
+        if id(p) in seen or ".original_module." in name:  # the frozen original of a modules_to_save copy
             continue
         seen.add(id(p))
         lname = owner_of.get(name)

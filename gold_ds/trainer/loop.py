@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from ..data import Sample
 from ..engine.checkpoint import export_hf, save_checkpoint
+from ..engine.lora import export_lora
 from ..engine.weights import gathered_weight_buckets
 from .collective import global_sum
 from .logging import step_metrics
@@ -171,7 +172,12 @@ class Trainer:
                 save_checkpoint(self.student, self.ckpt_root, self.step, self.state_dict(), cfg.checkpoint.keep_last)
         self.results["after"] = self._evaluate("after training")
         if cfg.export.enabled:
-            export_hf(self.student, self.assembler.student.preprocessor, os.path.join(cfg.output_dir, "export"))
+            out, preprocessor = os.path.join(cfg.output_dir, "export"), self.assembler.student.preprocessor
+            if cfg.student.lora is None:
+                export_hf(self.student, preprocessor, out)
+            else:
+                export_lora(self.student, preprocessor, out,
+                            os.path.join(cfg.output_dir, "export-merged") if cfg.export.merge_lora else None)
         self.wall = time.perf_counter() - t_run
         self._final_table()
         self.log.close()
