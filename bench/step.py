@@ -5,7 +5,10 @@
 Builds the demo preset's engines (the teacher stays randomly initialized: the supervised stage does
 not change timings), runs warm-up steps, then ``--steps`` steps each fully on-policy and fully
 off-policy, and prints (rank 0) the median time per phase: rollout (generation), teacher forward,
-student forward+backward, optimizer, and the whole step. Times are the max over ranks of each phase.
+student forward+backward, optimizer, and the whole step. Times are the max over ranks of each phase; then each rank's peak resident memory (VmHWM: the whole process,
+model building included), the max over ranks. Compare presets side by side, e.g. a LoRA student
+and the same student fully fine-tuned: ``ds_configs/demo-lora-cpu.json`` and ``... student.lora=null
+export.merge_lora=false``.
 """
 import argparse
 import os
@@ -45,8 +48,14 @@ def main():
                 for k in PHASES:
                     times[k].append(m[f"time/{k}"])
         rows[name] = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        params = {id(p): p for p in tr.student.module.parameters()}.values()
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)
         tr.student.destroy()
         tr.teacher.destroy()
+    from losses import status_kib  # bench/losses.py, beside this file
+    peak = torch.tensor([status_kib("VmHWM") / 2 ** 10])
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:
         ds = cfg.student.deepspeed
         print(f"\nbench/step.py: {args.config}, {dist.get_world_size()} ranks on "
@@ -57,6 +66,9 @@ def main():
         print("|---|" + "---|" * len(PHASES))
         for name, r in rows.items():
             print(f"| {name} | " + " | ".join(f"{r[k]:.0f}" for k in PHASES) + " |")
+        lora = cfg.student.lora
+        print(f"\nstudent: {'LoRA rank %d on %s' % (lora.rank, lora.target_modules) if lora else 'full fine-tuning'}, "
+              f"{trainable} of the module's {total} parameters train; peak RSS per rank (max over ranks): {peak.item():.0f} MiB")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -2,8 +2,9 @@
 
 test_lora_training: with an adapter on every linear layer (and, in one case, the head trained
 fully through ``modules_to_save``; in the other, the head frozen):
-- the optimizer holds exactly the parameters that train (adapter and listed modules);
-- after four steps exactly those changed, every base weight is bit-for-bit unchanged;
+- the optimizer holds exactly the parameters that train (the adapter, in the first case);
+- after four steps exactly those changed (adapter, and the head's trained copy in the second case),
+  every base weight (the head's original included) is bit-for-bit unchanged;
 - a micro-step's loss and the adapter's gradient (``safe_get_full_grad``), on the ``sharded`` and
   ``full`` logits paths, equal an fp64 reference (a plain peft model with the same weights and the
   plain generalized JSD formula) within 1e-5;
@@ -12,7 +13,9 @@ fully through ``modules_to_save``; in the other, the head frozen):
   with ``from_pretrained``; both give the engine's logits within 1e-5.
 test_lora_vllm_sync: after a training step and a sync, vLLM's log-probabilities equal the fp64 peft
 model's (the merged model, computed as base + adapter) within 1e-4, and differ from the base model's.
-test_bad_lora_input: keys that match nothing, a layer peft cannot adapt, bad values, peft missing.
+The other tests: bad values and a missing peft fail at load naming the key; a target or a module to
+save that matches nothing, and a layer peft cannot adapt, fail naming the key; ``all-linear`` takes
+the decoder's (a vision-language model's language model's) linear layers only.
 """
 import copy
 import dataclasses
@@ -146,6 +149,7 @@ def _lora_training(tmp):
     tr = build_trainer(cfg)
     names = {n for n, p in tr.student.module.named_parameters() if p.requires_grad}
     assert {n for n in names if ".lora_" not in n} == {"base_model.model.lm_head.modules_to_save.default.weight"}
+    before = {k: v.clone() for k, v in (tr.student._zero3_consolidated_16bit_state_dict() or {}).items()}
     tr.train()
     probe = torch.tensor([tr.train_data.rows[0].prompt_ids + tr.train_data.rows[0].completion_ids])
     tr.student.eval()
@@ -153,6 +157,8 @@ def _lora_training(tmp):
         engine_logits = tr.student(input_ids=probe).logits
     state = tr.student._zero3_consolidated_16bit_state_dict()
     if rank == 0:
+        changed = {k for k in before if not torch.equal(before[k], state[k])}
+        assert changed == names, (sorted(changed - names)[:3], sorted(names - changed)[:3])
         resumed, uninterrupted = _losses(interrupted), _losses(whole)
         assert sorted(resumed) == [1, 2, 3, 4] and resumed == uninterrupted, (resumed, uninterrupted)
 
