@@ -290,3 +290,16 @@ def test_all_linear_skips_the_head_and_a_vision_tower():
         decoder = [n for n in linear if n.startswith("model.language_model." if model is vlm else "model.layers.")]
         assert adapted == set(decoder) and "lm_head" not in adapted
         assert len(decoder) < len(linear)
+
+
+def test_adapter_is_checked_at_start_before_any_model_is_built(tmp_path):
+    """build_trainer refuses a bad adapter from the model's meta-device skeleton, before the process
+    group, the teacher SFT or any engine exists."""
+    from gold_ds.config import ConfigError, load_config
+    from gold_ds.trainer import build_trainer
+    raw = tiny_raw(tmp_path)
+    raw["teacher"]["sft"] = {"max_steps": 5, "deepspeed": ds_section(2, 1)}
+    raw["student"]["lora"] = {"target_modules": ["q_proj", "qkv"]}
+    with pytest.raises(ConfigError, match=r"'student\.lora\.target_modules': 'qkv' matches no module"):
+        build_trainer(load_config(raw=raw))
+    assert not dist.is_initialized()

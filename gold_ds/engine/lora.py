@@ -82,6 +82,14 @@ def apply_lora(model, lora, init_seed: int, key: str = "student.lora"):
                               f"student's layers {targets[:4]}{'...' if len(targets) > 4 else ''}: {e}") from e
 
 
+def check_lora(model_cfg, lora, key: str = "student.lora") -> None:
+    """``apply_lora``'s checks on the model's meta-device skeleton, at start-up (before any stage
+    builds a model): a ConfigError naming ``key`` when the adapter cannot be put on the student."""
+    from .models import model_skeleton
+    with torch.device("meta"):
+        apply_lora(model_skeleton(model_cfg), lora, 0, key)
+
+
 def export_lora(engine, tokenizer, out_dir: str, merged_dir) -> None:
     """The adapter in peft's format (``adapter_config.json``, ``adapter_model.safetensors``) and the
     tokenizer in ``out_dir``; with ``merged_dir``, also the merged model (``from_pretrained``).

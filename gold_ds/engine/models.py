@@ -42,12 +42,30 @@ def _zero3_construction(ds_config: dict):
         del keep
 
 
+def _auto_class(model_cfg):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    return AutoModelForImageTextToText if getattr(model_cfg, "processor", None) else AutoModelForCausalLM
+
+
+def model_skeleton(model_cfg):
+    """The model's modules with weights on the meta device (nothing allocated): its structure, for
+    start-up checks."""
+    from transformers import AutoConfig
+    if model_cfg.name_or_path is not None:
+        config = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+    else:
+        kwargs = dict(model_cfg.config)
+        config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    with torch.device("meta"):
+        return _auto_class(model_cfg).from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+
+
 def build_model(model_cfg, ds_config: dict):
     """A causal LM (an image-text-to-text model when ``model_cfg.processor`` is set) built partitioned
     under ZeRO-3, from a hub id / local dir or from a config."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoConfig
     dtype = _DTYPES[model_cfg.dtype]
-    auto = AutoModelForImageTextToText if getattr(model_cfg, "processor", None) else AutoModelForCausalLM
+    auto = _auto_class(model_cfg)
     with _zero3_construction(ds_config):
         if model_cfg.name_or_path is not None:
             model = auto.from_pretrained(model_cfg.name_or_path, dtype=dtype,

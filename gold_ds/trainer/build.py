@@ -1,7 +1,8 @@
 """Building a run's parts, in order, on every rank: ``build_trainer(cfg, resume).train()``.
 
 1. the micro-step assembler (tokenizers or processors, and the start-up checks that need them:
-   ``ConfigError`` before any process group exists);
+   ``ConfigError`` before any process group exists), and a LoRA student's adapter checked on the
+   model's meta-device skeleton;
 2. the process group, world-size checks, seeds;
 3. the data (encoded once with the student's side), the per-rank sampler, the metrics logger;
 4. teacher SFT when ``teacher.sft.max_steps`` > 0 (``teacher_sft.py``);
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from ..config import validate_world
 from ..data import RankSampler, build_assembler, encode_dataset, read_rows
 from ..engine.checkpoint import latest_checkpoint, load_checkpoint
+from ..engine.lora import check_lora
 from ..engine.models import build_inference_engine, build_training_engine
 from ..rollout.factory import build_rollout, transformers_generator
 from .collective import init_distributed
@@ -38,6 +40,8 @@ def _encode(cfg, side, source):
 def build_trainer(cfg, resume: bool = False) -> Trainer:
     t_start = time.perf_counter()
     assembler = build_assembler(cfg)
+    if cfg.student.lora is not None:
+        check_lora(cfg.student.model, cfg.student.lora)
     accelerator = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     validate_world(cfg, world)
