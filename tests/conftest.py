@@ -64,6 +64,21 @@ def tiny_raw(output_dir, micro=2, ga=2, **top) -> dict:
     return raw
 
 
+def assert_close(got, want, what, tol, floor=0.0):
+    """|got - want| <= tol x max |want| (at least ``floor``: for a tensor whose true value is 0, say
+    an attention key bias's gradient, tol of the largest gradient of the model)."""
+    err = (got - want).abs().max().item()
+    scale = max(want.abs().max().item(), floor, 1e-12)
+    assert err <= tol * scale, f"{what}: off by {err:.3e} (max |ref| {want.abs().max():.3e})"
+
+
+def logged_losses(out_dir) -> dict:
+    """step -> loss of a run's metrics.jsonl."""
+    import json
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "step" in r and "loss" in r}
+
+
 def free_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ import os
 import torch
 
 import reference_losses as ref
-from conftest import plain_model, run_ranks, tiny_raw
+from conftest import logged_losses, plain_model, run_ranks, tiny_raw
 
 WORLD = 2
 
@@ -201,11 +201,6 @@ def test_rollouts(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-def _losses(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f) if "step" in r and "loss" in r}
-
-
 def _resume_export_wandb(tmp):
     import torch.distributed as dist
     from gold_ds.config import load_config
@@ -234,7 +229,7 @@ def _resume_export_wandb(tmp):
     with torch.no_grad():
         engine_logits = tr.student(input_ids=probe).logits
     if dist.get_rank() == 0:
-        resumed, uninterrupted = _losses(interrupted), _losses(whole)
+        resumed, uninterrupted = logged_losses(interrupted), logged_losses(whole)
         assert sorted(resumed) == [1, 2, 3, 4] and sorted(uninterrupted) == [1, 2, 3, 4]
         assert resumed[3] == uninterrupted[3] and resumed[4] == uninterrupted[4], (resumed, uninterrupted)
         assert resumed[1] == uninterrupted[1]

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 import reference_losses as ref
-from conftest import ds_section, llama_config, run_ranks, tiny_raw
+from conftest import assert_close, ds_section, llama_config, run_ranks, tiny_raw
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5  # relative to the largest |value| of each compared tensor
@@ -163,14 +163,6 @@ def _reference_loss(distill, asm, mb, student, teacher, matched):
     return distill.divergence_weight * div + distill.ce_weight * nll
 
 
-def _close(got, want, what, floor=0.0):
-    """|got - want| <= TOL x max |want| (at least ``floor``: for a tensor whose true value is 0, say
-    an attention key bias's gradient, TOL of the largest gradient of the model)."""
-    err = (got - want).abs().max().item()
-    scale = max(want.abs().max().item(), floor, 1e-12)
-    assert err <= TOL * scale, f"{what}: off by {err:.3e} (max |ref| {want.abs().max():.3e})"
-
-
 CHUNK = 4  # rows per kernel chunk in the fused losses here (their default would cover a whole micro-step)
 
 
@@ -253,10 +245,10 @@ def _worker(tmp):
             floor = max(g.abs().max().item() for g in want.values())
             for mode in ("full", "sharded"):
                 loss, grads = got[mode]
-                _close(torch.tensor(loss, dtype=torch.float64), total.detach(), f"{name} {mode} loss")
+                assert_close(torch.tensor(loss, dtype=torch.float64), total.detach(), f"{name} {mode} loss", TOL)
                 for n, _ in params:
-                    _close(grads[n], want[n], f"{name} {mode} grad {n}", floor)
-                    _close(grads[n], got["full"][1][n], f"{name} {mode} grad {n} vs full", floor)
+                    assert_close(grads[n], want[n], f"{name} {mode} grad {n}", TOL, floor)
+                    assert_close(grads[n], got["full"][1][n], f"{name} {mode} grad {n} vs full", TOL, floor)
         tr.student.destroy()
         tr.teacher.destroy()
         dist.barrier()

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 import reference_losses as ref
-from conftest import ds_section, llama_config, plain_model, run_ranks, tiny_raw
+from conftest import assert_close, ds_section, llama_config, logged_losses, plain_model, run_ranks, tiny_raw
 
 TOL = 1e-5
 LORA = {"rank": 4, "alpha": 8.0, "target_modules": "all-linear"}
@@ -50,17 +50,6 @@ def _plain_peft(cfg, state, dtype="float64"):
     missing, unexpected = model.load_state_dict({k: v.to(getattr(torch, dtype)) for k, v in state.items()}, strict=False)
     assert not missing and not unexpected, (missing, unexpected)
     return model.eval()
-
-
-def _close(got, want, what, floor=0.0):
-    err = (got - want).abs().max().item()
-    scale = max(want.abs().max().item(), floor, 1e-12)
-    assert err <= TOL * scale, f"{what}: off by {err:.3e} (max |ref| {want.abs().max():.3e})"
-
-
-def _losses(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f) if "step" in r and "loss" in r}
 
 
 def _gradients(tr, cfg, name):
@@ -107,10 +96,10 @@ def _gradients(tr, cfg, name):
         floor = max(p.grad.abs().max().item() for n, p in want.items() if p.requires_grad)
         assert floor > 0
         for mode, (loss, grads) in got.items():
-            _close(torch.tensor(loss, dtype=torch.float64), total.detach(), f"{name} {mode} loss")
+            assert_close(torch.tensor(loss, dtype=torch.float64), total.detach(), f"{name} {mode} loss", TOL)
             assert sorted(grads) == sorted(n for n, p in want.items() if p.requires_grad)
             for n, g in grads.items():
-                _close(g, want[n].grad, f"{name} {mode} grad {n}", floor)
+                assert_close(g, want[n].grad, f"{name} {mode} grad {n}", TOL, floor)
 
 
 def _lora_training(tmp):
@@ -159,7 +148,7 @@ def _lora_training(tmp):
     if rank == 0:
         changed = {k for k in before if not torch.equal(before[k], state[k])}
         assert changed == names, (sorted(changed - names)[:3], sorted(names - changed)[:3])
-        resumed, uninterrupted = _losses(interrupted), _losses(whole)
+        resumed, uninterrupted = logged_losses(interrupted), logged_losses(whole)
         assert sorted(resumed) == [1, 2, 3, 4] and resumed == uninterrupted, (resumed, uninterrupted)
 
         base_state = {checkpoint_name(k).replace(".original_module.", "."): v for k, v in state.items()

@@ -97,10 +97,16 @@ def export_hf(engine, tokenizer, out_dir: str) -> None:
     """
     state = engine._zero3_consolidated_16bit_state_dict()
     if dist.get_rank() == 0:
-        tmp = out_dir.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
+        write_directory(out_dir, lambda tmp: (engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True),
+                                              tokenizer.save_pretrained(tmp)))
     dist.barrier()
+
+
+def write_directory(out_dir: str, save) -> None:
+    """``save(tmp)`` into a fresh sibling directory, then renamed to ``out_dir``: an export is never
+    seen half written."""
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)

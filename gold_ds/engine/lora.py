@@ -14,13 +14,12 @@ lists them, and ``PeftModel.from_pretrained`` on the base model finds the same l
 
 The rollout engines get merged weights (``gold_ds.engine.weights``): vLLM sees a plain model.
 """
-import os
-import shutil
-
 import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from .checkpoint import write_directory
+from .weights import gathered_weight_buckets
 
 
 def peft_model(module):
@@ -94,7 +93,6 @@ def export_lora(engine, tokenizer, out_dir: str, merged_dir) -> None:
     """The adapter in peft's format (``adapter_config.json``, ``adapter_model.safetensors``) and the
     tokenizer in ``out_dir``; with ``merged_dir``, also the merged model (``from_pretrained``).
     Called by every rank (the weights are gathered); rank 0 writes."""
-    from .weights import gathered_weight_buckets
     state = engine._zero3_consolidated_16bit_state_dict()
     merged = {}
     if merged_dir is not None:  # the rollout's merged, checkpoint-named weights, bucket by bucket
@@ -102,18 +100,11 @@ def export_lora(engine, tokenizer, out_dir: str, merged_dir) -> None:
             if dist.get_rank() == 0:
                 merged.update({name: t.detach().cpu().clone() for name, t in bucket})
     if dist.get_rank() == 0:
-        _write(out_dir, lambda tmp: (engine.module.save_pretrained(tmp, state_dict=state), tokenizer.save_pretrained(tmp)))
+        write_directory(out_dir, lambda tmp: (engine.module.save_pretrained(tmp, state_dict=state),
+                                              tokenizer.save_pretrained(tmp)))
         if merged_dir is not None:
             base = transformers_model(engine.module)
-            _write(merged_dir, lambda tmp: (base.save_pretrained(tmp, state_dict=merged, safe_serialization=True),
-                                            tokenizer.save_pretrained(tmp)))
+            write_directory(merged_dir, lambda tmp: (base.save_pretrained(tmp, state_dict=merged, safe_serialization=True),
+                                                     tokenizer.save_pretrained(tmp)))
     dist.barrier()
 
-
-def _write(out_dir: str, save) -> None:
-    """``save(tmp)`` into a fresh sibling directory, then renamed to ``out_dir`` (never half written)."""
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
