@@ -72,7 +72,7 @@ def main():
     for r in rows:
         r["images"] = [r["images"][0].resize((a.size, a.size))]
     data = encode_dataset(side, rows, max_prompt_length=10 ** 6, max_completion_length=16)
-    window = [data.rows[i * a.micro:(i + 1) * a.micro] for i in range(a.ga)]
+    window = [data[i * a.micro:(i + 1) * a.micro] for i in range(a.ga)]
     assemble = SharedAssembler(side, side).assemble
     label = a.processor
     if a.teacher:

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from gold_ds.config import DatasetSource
-from gold_ds.data import BadRowError, RankSampler, TextSide, read_rows, sequence_tensors
+from gold_ds.config import ConfigError, DatasetSource
+from gold_ds.data import BadRowError, RankSampler, TextSide, open_source, sequence_tensors
 from gold_ds.data import encode_dataset as _encode_dataset
 from gold_ds.data.builtin import builtin_tokenizer
 
@@ -23,6 +23,10 @@ CONV = [
 
 def encode_dataset(tok, rows, *args, **kw):
     return _encode_dataset(TextSide(tok), rows, *args, **kw)
+
+
+def _rows(source) -> list:
+    return list(open_source(source))
 
 
 def _write(tmp_path, name, rows):
@@ -44,20 +48,20 @@ def _expected_completion(tok, text):
 
 @pytest.mark.parametrize("name", ["rows.jsonl", "rows.json", "rows.parquet"])
 def test_conversational_rows_from_local_files(tmp_path, tok, name):
-    rows = read_rows(DatasetSource(path=_write(tmp_path, name, CONV)))
+    rows = _rows(DatasetSource(path=_write(tmp_path, name, CONV)))
     data = encode_dataset(tok, rows, 64, 16)
     assert len(data) == 2 and not data.bad_rows
-    first = data.rows[0]
+    first = list(data)[0]
     assert first.example.answer == "42"
     rendered = tok.apply_chat_template(CONV[0]["messages"][:1], add_generation_prompt=True, tokenize=False)
     assert tok.decode(first.prompt_ids) == rendered
     assert first.completion_ids == _expected_completion(tok, "42")
-    assert data.rows[1].completion_ids == _expected_completion(tok, "2")
+    assert list(data)[1].completion_ids == _expected_completion(tok, "2")
 
 
 def test_label_mask_covers_exactly_the_completion(tok):
     data = encode_dataset(tok, CONV, 64, 16)
-    seqs = [(r.prompt_ids, r.completion_ids) for r in data.rows]
+    seqs = [(r.prompt_ids, r.completion_ids) for r in data]
     b = sequence_tensors(seqs, tok.pad_token_id)
     for i, (p, c) in enumerate(seqs):
         predicted = b["input_ids"][i, 1:][b["loss_mask"][i]].tolist()  # row t predicts token t + 1
@@ -69,8 +73,8 @@ def test_label_mask_covers_exactly_the_completion(tok):
 def test_prompt_completion_formats(tmp_path, tok):
     rows = [{"prompt": "7+8=", "completion": "15"},
             {"prompt": [{"role": "user", "content": "7+8="}], "completion": [{"role": "assistant", "content": "15"}]}]
-    data = encode_dataset(tok, read_rows(DatasetSource(path=_write(tmp_path, "pc.jsonl", rows[:1]))) + rows[1:], 64, 16)
-    plain, chat = data.rows
+    (plain,) = encode_dataset(tok, _rows(DatasetSource(path=_write(tmp_path, "pc.jsonl", rows[:1]))), 64, 16)
+    (chat,) = encode_dataset(tok, rows[1:], 64, 16)
     assert plain.prompt_ids == tok("7+8=")["input_ids"]  # plain text: no chat template
     assert plain.completion_ids == _expected_completion(tok, "15")
     assert chat.prompt_ids == tok.apply_chat_template(rows[1]["prompt"], add_generation_prompt=True,
@@ -105,7 +109,7 @@ def test_bad_rows_fail_clearly_when_asked(tok, i, reason):
 def test_completion_truncation_keeps_the_start(tok):
     long = [{"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "123456789"}]}]
     data = encode_dataset(tok, long, 64, max_completion_length=4)
-    assert data.rows[0].completion_ids == tok("1234", add_special_tokens=False)["input_ids"]
+    assert list(data)[0].completion_ids == tok("1234", add_special_tokens=False)["input_ids"]
     assert data.truncated_completions == 1
     with pytest.raises(BadRowError, match="no usable rows"):
         encode_dataset(tok, BAD[:1], 64, 16)
@@ -129,18 +133,18 @@ def test_rank_sampler_splits_resumes_and_reshuffles():
 
 
 def test_builtin_splits_are_disjoint():
-    train = read_rows(DatasetSource(builtin="arithmetic", split="train", num_examples=3000))
-    held_out = read_rows(DatasetSource(builtin="arithmetic", split="eval", num_examples=500))
+    train = _rows(DatasetSource(builtin="arithmetic", split="train", num_examples=3000))
+    held_out = _rows(DatasetSource(builtin="arithmetic", split="eval", num_examples=500))
     questions = lambda rows: {r["messages"][0]["content"] for r in rows}  # noqa: E731
     assert len(questions(train)) == 3000 and len(questions(held_out)) == 500
     assert not questions(train) & questions(held_out)
     for r in held_out:
         a, b = r["messages"][0]["content"].rstrip("=").split("+")
         assert r["answer"] == str(int(a) + int(b))
-    whole = read_rows(DatasetSource(builtin="arithmetic", split="train"))
+    whole = _rows(DatasetSource(builtin="arithmetic", split="train"))
     assert len(whole) == 7100 and not questions(whole) & questions(held_out)
     with pytest.raises(ValueError, match="num_examples=1001 but its 'eval' split has 1000"):
-        read_rows(DatasetSource(builtin="arithmetic", split="eval", num_examples=1001))
+        _rows(DatasetSource(builtin="arithmetic", split="eval", num_examples=1001))
 
 
 def test_dataset_by_name_goes_through_load_dataset(tmp_path):
@@ -149,7 +153,7 @@ def test_dataset_by_name_goes_through_load_dataset(tmp_path):
     folder = tmp_path / "my_dataset"
     folder.mkdir()
     _write(folder, "train.jsonl", CONV)
-    rows = read_rows(DatasetSource(path=str(folder), split="train", num_examples=1))
+    rows = _rows(DatasetSource(path=str(folder), split="train", num_examples=1))
     assert rows == [CONV[0]]
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        read_rows(DatasetSource(path=str(tmp_path / "missing.jsonl")))
+    with pytest.raises(ConfigError, match="'data.train.path': the dataset file .*missing.jsonl' does not exist"):
+        _rows(DatasetSource(path=str(tmp_path / "missing.jsonl")))

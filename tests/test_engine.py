@@ -41,7 +41,7 @@ def _step_gradient(tmp):
         grads = _capture_step_gradients(tr.student)
         before = tr.student._zero3_consolidated_16bit_state_dict()
         teacher_state = tr.teacher._zero3_consolidated_16bit_state_dict()
-        rows = tr.train_data.rows
+        rows = tr.train_data
         idx = RankSampler(len(rows), rank, WORLD, cfg.seed, True).take(micro * ga)
         window = [None] * WORLD
         dist.all_gather_object(window, [(rows[i].prompt_ids, rows[i].completion_ids) for i in idx])
@@ -145,7 +145,7 @@ def _uneven_generation(tmp):
     tr = _trainer(tmp, "run")
     gen = tr.rollout
     rank = dist.get_rank()
-    prompts = [r.prompt_ids for r in tr.train_data.rows[rank * 3:rank * 3 + 2 + rank]]  # 2 vs 3 prompts
+    prompts = [r.prompt_ids for r in tr.train_data[rank * 3:rank * 3 + 2 + rank]]  # 2 vs 3 prompts
     first = gen.generate(prompts, 1, greedy=True, max_new_tokens=6)
     if rank == 0:
         gen.eos_id = first[0][0]  # the first greedy token of prompt 0 now ends it at once
@@ -224,7 +224,7 @@ def _resume_export_wandb(tmp):
     tr = build_trainer(load_config(raw=raw))
     tr.train()
 
-    probe = torch.tensor([tr.train_data.rows[0].prompt_ids + tr.train_data.rows[0].completion_ids])
+    probe = torch.tensor([tr.train_data[0].prompt_ids + tr.train_data[0].completion_ids])
     tr.student.eval()
     with torch.no_grad():
         engine_logits = tr.student(input_ids=probe).logits

@@ -204,7 +204,7 @@ def _worker(tmp):
         sharded = tr.objective
         full = build_objective(dataclasses.replace(cfg.distill, logits="full"), tr.student, tr.teacher,
                                tr.assembler, lambda _: None)
-        rows = tr.train_data.rows
+        rows = tr.train_data
         samples = [Sample(r.prompt_ids, r.completion_ids, r.example)
                    for r in (rows[(rank * 3 + i) % len(rows)] for i in range(2 + rank % 2))]
         counted = 0 if rank == world - 1 else None  # the last rank has no completion rows at all

@@ -59,7 +59,7 @@ def _gradients(tr, cfg, name):
     from gold_ds.trainer.collective import global_sum
     from gold_ds.trainer.objective import build_objective
     rank, world = dist.get_rank(), dist.get_world_size()
-    rows = tr.train_data.rows
+    rows = tr.train_data
     samples = [Sample(r.prompt_ids, r.completion_ids, r.example) for r in rows[rank * 3:rank * 3 + 2 + rank]]
     full = build_objective(dataclasses.replace(cfg.distill, logits="full"), tr.student, tr.teacher, tr.assembler,
                            lambda _: None)
@@ -140,7 +140,7 @@ def _lora_training(tmp):
     assert {n for n in names if ".lora_" not in n} == {"base_model.model.lm_head.modules_to_save.default.weight"}
     before = {k: v.clone() for k, v in (tr.student._zero3_consolidated_16bit_state_dict() or {}).items()}
     tr.train()
-    probe = torch.tensor([tr.train_data.rows[0].prompt_ids + tr.train_data.rows[0].completion_ids])
+    probe = torch.tensor([tr.train_data[0].prompt_ids + tr.train_data[0].completion_ids])
     tr.student.eval()
     with torch.no_grad():
         engine_logits = tr.student(input_ids=probe).logits

@@ -11,8 +11,10 @@ import json
 import os
 from types import SimpleNamespace as NS
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import REPO, run_ranks
 from gold_ds.config import ConfigError, load_config
@@ -55,8 +57,10 @@ def _mixed_rows(tmp_path, n=4, seed=3):
 def _reference(proc, messages, images, text=None):
     """The processor's own rendering: (prompt ids, full-conversation ids, processor outputs)."""
     from PIL import Image
-    pil = [im if isinstance(im, Image.Image) else Image.open(io.BytesIO(im["bytes"] if isinstance(im, dict) else im))
-           if not isinstance(im, str) else Image.open(im) for im in images]
+    if images and isinstance(images[0], dict):  # as stored: {"bytes", "path"}
+        images = [im["path"] if im["bytes"] is None else im["bytes"] for im in images]
+    pil = [im if isinstance(im, Image.Image) else Image.open(io.BytesIO(im)) if isinstance(im, bytes) else Image.open(im)
+           for im in images]
     prompt, answer = messages[:-1], messages[-1]
     if text is not None:
         answer = {"role": "assistant", "content": [{"type": "text", "text": text}]}
@@ -72,13 +76,16 @@ def test_raw_images_inputs_and_label_masks(name, tmp_path, monkeypatch):
     rows = _mixed_rows(tmp_path)
     raw = [r["images"][0] for r in rows]
     data = encode_dataset(side, rows, max_prompt_length=64, max_completion_length=10)
-    assert [r.example.images[0] for r in data.rows] == raw and all(
-        r.example.images[0] is im for r, im in zip(data.rows, raw))  # untouched by the dataset step
+    stored = [r.example.images[0] for r in data]
+    # kept raw, undecoded: a path stays the path, bytes the same bytes, a PIL image its pixels as PNG bytes
+    assert stored[1] == {"path": raw[1], "bytes": None}
+    assert stored[2] == {"path": None, "bytes": raw[2]} and stored[3] == {"path": None, "bytes": raw[3]["bytes"]}
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(stored[0]["bytes"]))), np.asarray(raw[0]))
     seen = []
     real = vlm_mod.load_image
     monkeypatch.setattr(vlm_mod, "load_image", lambda im: seen.append(im) or real(im))
-    batch = side.batch(data.rows)
-    assert len(seen) == len(raw) and all(a is b for a, b in zip(seen, raw))  # raw objects reach the assembler
+    batch = side.batch(list(data))
+    assert seen == stored  # the stored raw images reach the assembler: decoded only there
 
     eos = side.tokenizer.eos_token_id
     pixels = []
@@ -108,12 +115,12 @@ def test_cross_family_teacher_inputs_and_alignment(tmp_path):
     student, teacher = _side("tiny-llava"), _side("tiny-qwen2vl", "teacher.model.processor")
     rows = _mixed_rows(tmp_path)
     data = encode_dataset(student, rows, max_prompt_length=64, max_completion_length=10)
-    samples = list(data.rows)
+    samples = list(data)
     stok = student.tokenizer
-    for r, text in zip(data.rows[:2], ["a big blue circle!", "zweiundvierzig 42 é"]):  # on-policy-like texts
+    for r, text in zip(data[:2], ["a big blue circle!", "zweiundvierzig 42 é"]):  # on-policy-like texts
         samples.append(Sample(r.prompt_ids, stok(text, add_special_tokens=False)["input_ids"] + [stok.eos_token_id],
                                       r.example))
-    last = data.rows[-1]  # cut by the length limit: no end of turn
+    last = data[-1]  # cut by the length limit: no end of turn
     samples.append(Sample(last.prompt_ids, last.completion_ids[:2], last.example))
     cb = CrossTokenizerAssembler(student, teacher, 64).assemble(samples)
 
@@ -202,7 +209,7 @@ def test_validation_errors(tmp_path):
     rows[1]["images"] = []
     rows[2]["images"] = [str(tmp_path / "missing.png")]
     data = encode_dataset(side, rows, 64, 10)
-    assert data.bad_rows == {"missing_images": 2} and len(data.rows) == 1
+    assert data.bad_rows == {"missing_images": 2} and len(data) == 1
     with pytest.raises(BadRowError) as e:
         encode_dataset(side, rows, 64, 10, on_bad_row="error")
     _check_message(str(e.value), "row 1 is bad: missing_images", "0 image(s)", "data.on_bad_row=report")
@@ -271,11 +278,11 @@ def _two_ranks(tmp, data_path):
         m = tr.train_step()
         assert torch.isfinite(torch.tensor(m["loss"])) and m["loss"] > 0
         # raw images (the file's paths) reach the assembler unchanged: nothing decoded them before
-        assert seen and all(isinstance(p, str) and p in paths for p in seen)
+        assert seen and all(p["bytes"] is None and p["path"] in paths for p in seen)
         # at the start of every micro-step no pixel tensor of an earlier one is alive (weakrefs) ...
         assert len(live_at_microstep) == ga and all(c == 0 for c, _ in live_at_microstep), live_at_microstep
         # ... and at no point more than one micro-step's (or one rollout chunk's) pixel bytes exist
-        row = tr.train_data.rows[0].example.images
+        row = tr.train_data[0].example.images
         one = _per_sample_bytes(student, row) + (_per_sample_bytes(teacher, row) if cross else 0)
         assert 0 < max(live_at_exit) <= micro * one < ga * micro * one, (live_at_exit, one)
         if cross:
@@ -283,7 +290,7 @@ def _two_ranks(tmp, data_path):
         else:
             assert 0 < m["on_policy_share"] < 1  # this seed draws both kinds of micro-step
         # on-policy rollouts with images, for the student and (its own rendering) the teacher
-        rows = tr.train_data.rows[:2]
+        rows = tr.train_data[:2]
         for gen, prompts, side in ((tr.rollout, [r.prompt_ids for r in rows], student),
                                    (tr.teacher_generator, [tr.assembler.teacher_prompt_ids(r) for r in rows], teacher)):
             out = gen.generate(prompts, 2)

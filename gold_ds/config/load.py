@@ -9,7 +9,7 @@ import json
 import typing
 from typing import Any, Literal, Optional, Union
 
-from .schema import RunConfig
+from .schema import DATA_COLUMNS, RunConfig
 
 
 class ConfigError(ValueError):
@@ -251,6 +251,17 @@ def validate(cfg: RunConfig) -> RunConfig:
             _fail(f"{name}.path", src.path, f"set exactly one of {name}.path and {name}.builtin")
         if src.num_examples is not None:
             _positive_int(src.num_examples, f"{name}.num_examples")
+        if src.builtin is not None and (src.revision is not None or src.columns):
+            _fail(f"{name}.revision" if src.revision is not None else f"{name}.columns",
+                  src.revision if src.revision is not None else src.columns,
+                  "a builtin task has no revision or columns to map; leave it out")
+        for ours, theirs in (src.columns or {}).items():
+            if ours not in DATA_COLUMNS:
+                _fail(f"{name}.columns", src.columns, f"{ours!r} is not a column gold_ds reads; the keys are "
+                      + ", ".join(repr(c) for c in DATA_COLUMNS) + ", each mapped to one of the dataset's columns")
+            if not isinstance(theirs, str) or not theirs:
+                _fail(f"{name}.columns.{ours}", theirs, "expected the name of one of the dataset's columns")
+    _positive_int(d.num_proc, "data.num_proc")
     _positive_int(d.max_prompt_length, "data.max_prompt_length")
     _positive_int(d.max_completion_length, "data.max_completion_length")
 

@@ -79,17 +79,28 @@ class TeacherConfig:
     sft: TeacherSFTConfig = field(default_factory=TeacherSFTConfig)
 
 
+DATA_COLUMNS = ("messages", "prompt", "completion", "answer", "images")
+"""The raw columns gold_ds reads from a dataset (``DatasetSource.columns`` maps other names onto them)."""
+
+
 @dataclass
 class DatasetSource:
     path: Optional[str] = None
-    """A local ``.json``/``.jsonl``/``.parquet`` file, or a Hugging Face hub dataset name."""
+    """Local ``.json``/``.jsonl``/``.parquet`` data: a file, a glob (``shards/*.parquet``) or a directory
+    of shards; else a Hugging Face hub dataset id. Relative paths are from the working directory."""
     builtin: Optional[Literal["arithmetic", "shapes"]] = None
     """A built-in synthetic task instead of ``path``: ``arithmetic`` (text) or ``shapes`` (images; needs
     vision-language models)."""
     split: str = "train"
-    """Split to read (hub datasets; for ``builtin`` one of ``train``/``eval``)."""
+    """Split to read: a hub dataset's, a directory's (its files named by split: ``train-*``,
+    ``test.jsonl``; files named otherwise are all ``train``), or ``builtin``'s ``train``/``eval``."""
     name: Optional[str] = None
     """Hub dataset config name."""
+    revision: Optional[str] = None
+    """Hub dataset revision (a branch, tag or commit); pin it for a reproducible run."""
+    columns: Optional[dict] = None
+    """The dataset's column for each column gold_ds reads (``messages``, ``prompt``, ``completion``,
+    ``answer``, ``images``), e.g. ``{"prompt": "question", "completion": "response"}``."""
     num_examples: Optional[int] = None
     """Rows to use: the first N of the split (builtin: how many to generate)."""
     seed: int = 0
@@ -109,6 +120,12 @@ class DataConfig:
     """Rows with no assistant turn, an empty completion or an over-long prompt: ``report`` counts them
     per reason, logs the counts at start and skips them; ``error`` stops at the first one."""
     shuffle: bool = True
+    cache_dir: Optional[str] = None
+    """Where encoded datasets are cached (default ``<output_dir>/data_cache``): one directory per
+    source and encoding, reused by later launches and ``--resume``; a shared filesystem across
+    nodes, or one per node. Delete it to re-encode."""
+    num_proc: int = 1
+    """Worker processes that encode a dataset (one encoder per node, the other ranks wait)."""
 
 
 @dataclass

@@ -1,10 +1,10 @@
-"""Datasets, chat rendering, label masks, per-rank index streams and the micro-step assembler."""
+"""Datasets (encoded once, cached, read lazily), chat rendering, label masks, per-rank index streams and the micro-step assembler."""
 from .assembler import MicroBatch, SharedAssembler, build_assembler
 from .batch import RankSampler, sequence_tensors
-from .dataset import BadRowError, EncodedDataset, Example, Sample, encode_dataset, read_rows, to_example
+from .dataset import BadRowError, EncodedDataset, Example, Sample, encode_dataset, open_source, to_example
 from .render import TextSide
 from .tokenizer import load_tokenizer
 
 __all__ = ["MicroBatch", "SharedAssembler", "build_assembler", "RankSampler", "sequence_tensors", "BadRowError",
-           "EncodedDataset", "Example", "Sample", "encode_dataset", "read_rows", "to_example", "TextSide",
+           "EncodedDataset", "Example", "Sample", "encode_dataset", "open_source", "to_example", "TextSide",
            "load_tokenizer"]

@@ -71,7 +71,6 @@ class CrossTokenizerAssembler:
             tokenizer_family(side.tokenizer)  # an unsupported tokenizer fails here, at start-up, naming itself
         self.student, self.teacher = student, teacher
         self.max_completion_length = max_completion_length
-        self._teacher_samples = {}  # id(row) -> the teacher's rendering of a dataset row (teacher SFT)
 
     @staticmethod
     def text(side, completion_ids) -> str:
@@ -110,12 +109,9 @@ class CrossTokenizerAssembler:
         return Sample(prompt_ids, ids[:self.max_completion_length], row.example)
 
     def teacher_sample(self, row: Sample) -> Sample:
-        """A dataset row in the teacher's own template (rendered once per row)."""
-        key = id(row)
-        if key not in self._teacher_samples:
-            p, c = self.render(self.teacher, row.example, row.example.completion, True)
-            self._teacher_samples[key] = Sample(p, c[:self.max_completion_length], row.example)
-        return self._teacher_samples[key]
+        """A dataset row in the teacher's own template."""
+        p, c = self.render(self.teacher, row.example, row.example.completion, True)
+        return Sample(p, c[:self.max_completion_length], row.example)
 
     def assemble(self, samples: list, counted: int = None) -> MicroBatch:
         """Teacher inputs and groups for one micro-step's samples (the student's); groups of samples

@@ -29,7 +29,9 @@ bad row (``prompt_too_long``, counted or an error per ``data.on_bad_row``).
 Memory: every pixel tensor this module hands out is registered in ``PIXELS`` (weak references), so
 tests and ``bench/vlm.py`` measure how many are alive at any time.
 """
+import hashlib
 import io
+import json
 import os
 import weakref
 
@@ -38,7 +40,7 @@ import torch
 from ..config import ConfigError
 from .batch import sequence_tensors
 from .dataset import BadRow, BadRowError, Example
-from .render import split_completion
+from .render import split_completion, tokenizer_fingerprint
 
 _PROCESSORS = {}
 
@@ -100,12 +102,6 @@ def image_parts(messages) -> int:
         if isinstance(content, list):
             n += sum(1 for part in content if isinstance(part, dict) and part.get("type") == "image")
     return n
-
-
-def row_has_images(row: dict) -> bool:
-    if row.get("images"):
-        return True
-    return any(image_parts(row.get(k)) for k in ("messages", "prompt", "completion"))
 
 
 # -------------------------------------------------------------------------------------- pixel memory
@@ -256,19 +252,39 @@ class VLMSide:
         return per_token, self.pixel_inputs([prompt.images])
 
     # ---- the dataset step (start-up, no pixels; see ``gold_ds.data.dataset.encode_dataset``)
-    def check_rows(self, rows: list) -> None:
-        if any(image_parts(r.get("messages") or r.get("prompt")) for r in rows) and not any("images" in r for r in rows):
+    def check_columns(self, dataset) -> None:
+        if "images" in dataset.column_names:
+            return
+        probe = dataset.select(range(min(len(dataset), 64)))
+        if any(image_parts(r.get("messages") or r.get("prompt")) for r in probe):
             raise ConfigError("the data's user turns hold image parts but the rows have no 'images' column: "
-                              "add one (a list of PIL images, file paths or bytes per row, one per image part)")
+                              "add one (a list of PIL images, file paths or bytes per row, one per image part), "
+                              "or map yours with data.*.columns")
 
-    def encode_row(self, example: Example, row: dict) -> tuple:
-        """Bad-row reason ``missing_images``: image parts and images that do not pair up, or an image
-        that cannot be opened (images are only opened for their size)."""
-        example.images = list(row.get("images") or [])
-        try:
-            return self.encode(example)
-        except (BadRowError, FileNotFoundError, OSError, TypeError) as e:
-            raise BadRow("missing_images", str(e)) from None
+    def encode_rows(self, examples: list, rows: list) -> list:
+        """``encode`` per example; bad-row reason ``missing_images``: image parts and images that do
+        not pair up, or an image that cannot be opened (images are only opened for their size)."""
+        out = []
+        for ex in examples:
+            ex.images = list(ex.images or [])
+            try:
+                out.append(self.encode(ex))
+            except (BadRowError, FileNotFoundError, OSError, TypeError) as e:
+                out.append(BadRow("missing_images", str(e)))
+        return out
+
+    def prompt_from_ids(self, ids: list, example: Example) -> MultimodalPrompt:
+        return MultimodalPrompt(ids, example.images, self)
+
+    def fingerprint(self) -> str:
+        """The tokenizer's digest and the processor's configuration (image token counts follow it)."""
+        parts = [tokenizer_fingerprint(self.tokenizer), type(self.processor).__name__,
+                 json.dumps(getattr(self.processor, "chat_template", None), sort_keys=True, default=str)]
+        for name in ("image_processor", "video_processor"):
+            sub = getattr(self.processor, name, None)
+            if sub is not None:
+                parts += [type(sub).__name__, sub.to_json_string()]
+        return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------- the model pair

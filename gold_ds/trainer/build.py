@@ -4,12 +4,15 @@
    ``ConfigError`` before any process group exists), and a LoRA student's adapter checked on the
    model's meta-device skeleton;
 2. the process group, world-size checks, seeds;
-3. the data (encoded once with the student's side), the per-rank sampler, the metrics logger;
+3. the data: each node's first rank encodes it with the student's side into the cache (or finds
+   it there), the others wait, every rank memory-maps it (``gold_ds.data.cache``); the per-rank
+   sampler, the metrics logger;
 4. teacher SFT when ``teacher.sft.max_steps`` > 0 (``teacher_sft.py``);
 5. the teacher's ZeRO-inference engine and the student's ZeRO-3 engine (collective);
 6. the objective, the student's rollout (``rollout.backend``), the teacher's generator, evaluation;
 7. with ``resume``: the latest checkpoint's engine, optimizer, RNG and trainer state.
 """
+import functools
 import os
 import random
 import time
@@ -18,7 +21,9 @@ import torch
 import torch.distributed as dist
 
 from ..config import validate_world
-from ..data import RankSampler, build_assembler, encode_dataset, read_rows
+from ..config import ConfigError
+from ..data import BadRowError, RankSampler, build_assembler
+from ..data.cache import encode_cached, open_cached
 from ..engine.checkpoint import latest_checkpoint, load_checkpoint
 from ..engine.lora import check_lora
 from ..engine.models import build_inference_engine, build_training_engine
@@ -31,10 +36,36 @@ from .objective import build_objective
 from .teacher_sft import teacher_sft
 
 
-def _encode(cfg, side, source):
-    d = cfg.data
-    return encode_dataset(side, read_rows(source), max_prompt_length=d.max_prompt_length,
-                          max_completion_length=d.max_completion_length, on_bad_row=d.on_bad_row)
+def _load_data(cfg, side, split: str, say):
+    """``data.<split>`` encoded into the cache by each node's local rank 0 and opened memory-mapped
+    by every rank (collective). A failure on an encoding rank is raised on every rank."""
+    source, where = getattr(cfg.data, split), f"data.{split}"
+    root = cfg.data.cache_dir or os.path.join(cfg.output_dir, "data_cache")
+    rank, local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
+    result = None
+    if local_rank == 0:
+        try:
+            result = encode_cached(side, source, cfg.data, root, split, where, log=say)
+        except (ConfigError, BadRowError) as e:
+            result = {"error": type(e).__name__, "message": str(e)}
+            failure = e
+        except Exception as e:  # noqa: BLE001 - any other failure must reach the waiting ranks too
+            result = {"error": "RuntimeError", "message": f"encoding {where} failed: {type(e).__name__}: {e}"}
+            failure = e
+    results = [None] * dist.get_world_size()
+    dist.all_gather_object(results, result)  # ranks are numbered node by node: a node's encoder is rank - local rank
+    failed = next((r for r in results if r is not None and "error" in r), None)
+    if failed is not None:
+        if result is failed:
+            raise failure
+        raise {"ConfigError": ConfigError, "BadRowError": BadRowError}.get(failed["error"], RuntimeError)(
+            failed["message"])
+    mine = results[rank - local_rank]
+    data = open_cached(mine["path"], side, where).check(cfg.data.on_bad_row)
+    how = ("found in the cache" if mine["hit"] else
+           f"encoded in {mine['seconds']:.1f}s with data.num_proc={cfg.data.num_proc}")
+    say(f"[gold_ds] {split} data {how}: {mine['path']}")
+    return data
 
 
 def build_trainer(cfg, resume: bool = False) -> Trainer:
@@ -52,8 +83,9 @@ def build_trainer(cfg, resume: bool = False) -> Trainer:
     if resume and resume_tag is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt_root}")
 
-    train_data = _encode(cfg, assembler.student, cfg.data.train)
-    eval_data = _encode(cfg, assembler.student, cfg.data.eval) if cfg.data.eval is not None else None
+    say = functools.partial(print, flush=True) if rank == 0 else (lambda text: None)
+    train_data = _load_data(cfg, assembler.student, "train", say)
+    eval_data = _load_data(cfg, assembler.student, "eval", say) if cfg.data.eval is not None else None
     sampler = RankSampler(len(train_data), rank, world, cfg.seed, cfg.data.shuffle)
     log = MetricsLogger(cfg, rank == 0, resumed=resume_tag is not None)
     log.info(f"[gold_ds] {world} ranks on {accelerator.device_name()}; train data: {train_data.report()}")

@@ -18,21 +18,21 @@ class Evaluator:
 
     def __init__(self, data, eval_cfg, assembler, objective, student, student_generator, teacher_generator,
                  forward_batch: int, generate_batch: int):
-        self.rows = data.rows[:eval_cfg.num_examples] if eval_cfg.num_examples else data.rows
+        self.data = data.head(eval_cfg.num_examples) if eval_cfg.num_examples else data
         self.cfg, self.assembler, self.objective, self.student = eval_cfg, assembler, objective, student
         self.tokenizer, self.teacher_tokenizer = assembler.student.tokenizer, assembler.teacher.tokenizer
         self.student_generator, self.teacher_generator = student_generator, teacher_generator
         self.forward_batch, self.generate_batch = forward_batch, generate_batch  # as in training: micro, window
-        self.has_answers = all(r.example.answer is not None for r in self.rows)
+        self.has_answers = self.data.has_answers()
         self._teacher = None  # (correct count, table completions): the teacher is frozen
 
     def _my_rows(self):
         rank, world = dist.get_rank(), dist.get_world_size()
-        per = math.ceil(len(self.rows) / world)
-        idx = list(range(rank * per, min((rank + 1) * per, len(self.rows))))
+        per = math.ceil(len(self.data) / world)
+        idx = list(range(rank * per, min((rank + 1) * per, len(self.data))))
         counted = len(idx)
         idx += [0] * (per - counted)
-        return [self.rows[i] for i in idx], counted
+        return self.data.samples(idx), counted
 
     def _greedy(self, gen, prompts, tokenizer):
         out = []
@@ -75,8 +75,8 @@ class Evaluator:
         dist.all_reduce(t)
         metrics = {"loss": t[0].item() / t[1].item()}
         if self.has_answers:
-            metrics["accuracy"] = t[2].item() / len(self.rows)
-            metrics["teacher_accuracy"] = t[3].item() / len(self.rows)
+            metrics["accuracy"] = t[2].item() / len(self.data)
+            metrics["teacher_accuracy"] = t[3].item() / len(self.data)
         n = min(self.cfg.num_samples, counted)
         mine = [[self.tokenizer.decode(r.prompt_ids, skip_special_tokens=False), r.example.answer, s, te]
                 for r, s, te in zip(rows[:n], student_texts[:n], self._teacher[1][:n])]

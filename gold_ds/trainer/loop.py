@@ -79,8 +79,8 @@ class Trainer:
     def train_step(self) -> dict:
         timer, G, t_step = PhaseTimer(self.accelerator.synchronize), self.cfg.distill.num_generations, self._now()
         flags = self._draw_policy(self.step)
-        rows = [[self.train_data.rows[i] for i in self.sampler.take(self.micro_batch_size // G if on
-                                                                     else self.micro_batch_size)] for on in flags]
+        rows = [self.train_data.samples(self.sampler.take(self.micro_batch_size // G if on else self.micro_batch_size))
+                for on in flags]
         with timer("rollout"):
             micro_steps, rollout_metrics = self._roll_out(rows, flags)
         tokens = global_sum([float(sum(len(s.completion_ids) for s in samples)) for samples in micro_steps],

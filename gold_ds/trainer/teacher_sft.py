@@ -42,7 +42,7 @@ def teacher_sft(cfg, assembler, train_data, world: int, log, resumed: bool) -> M
         head = HeadSlice(engine, head_spec(engine.module, "teacher"), vocab, "teacher")
     t_start = time.perf_counter()
     for step in range(sft.max_steps):
-        window = [[assembler.teacher_sample(train_data.rows[i]) for i in sampler.take(micro)] for _ in range(ga)]
+        window = [[assembler.teacher_sample(r) for r in train_data.samples(sampler.take(micro))] for _ in range(ga)]
         tokens = sum(global_sum([float(sum(len(s.completion_ids) for s in w)) for w in window], engine.device))
         loss_sum = 0.0
         for samples in window:
