@@ -84,7 +84,7 @@ def launch(checkout: str, data: str, out_dir: str, extra: list, port: int) -> di
     pos = {"max_position_embeddings": 1024}
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), os.path.join(checkout, "launch", "train.py"),
            "--config", os.path.join(checkout, "ds_configs", "demo-cpu.json"), f"output_dir={out_dir}",
-           f"data.train.path={data}", "data.train.builtin=null", "data.eval=null", "data.max_prompt_length=64",
+           f"data.train.path={data}", "data.train.builtin=null", "data.train.num_examples=null", "data.eval=null", "data.max_prompt_length=64",
            "data.max_completion_length=512", "teacher.sft.max_steps=0", "max_steps=1", "logging.every=1",
            "logging.progress_bar=false", "export.enabled=false", "checkpoint.every=0", "rollout.max_new_tokens=8",
            "distill.lmbda=0.0", f"student.model.config={json.dumps({**_model(checkout, 'student'), **pos})}",
@@ -103,7 +103,7 @@ def launch(checkout: str, data: str, out_dir: str, extra: list, port: int) -> di
                 continue
             if "train.py" in cmd_line and "--local_rank" in cmd_line:
                 ranks[pid] = max(ranks.get(pid, 0), hwm)
-            elif any(p in ranks for p in _parents(pid)):
+            elif any("--local_rank" in _cmdline(p) for p in _parents(pid)):
                 workers[pid] = max(workers.get(pid, 0), hwm)
         if first is None and os.path.exists(metrics):
             with open(metrics) as f:
@@ -114,7 +114,8 @@ def launch(checkout: str, data: str, out_dir: str, extra: list, port: int) -> di
     shutil.rmtree(hf_cache, ignore_errors=True)
     if proc.returncode != 0 or first is None:
         raise SystemExit(f"launch failed ({proc.returncode}):\n" + "".join(log[-40:]))
-    said = [line.strip() for line in log if "[gold_ds]" in line and ("data" in line or "ranks on" in line)]
+    said = [line.strip() for line in log if "[gold_ds]" in line and "examples/s" not in line
+            and any(k in line for k in ("data", "ranks on", "start-up"))]
     return {"first_step_s": first, "rank_peak_mib": sorted(v / 1024 for v in ranks.values()),
             "worker_peak_mib": max(workers.values(), default=0) / 1024, "said": said}
 

@@ -186,6 +186,7 @@ cache.encode_cached(TextSide(builtin_tokenizer("arithmetic")), DatasetSource(pat
 
 
 def _two_ranks(tmp, path):
+    import torch
     import torch.distributed as dist
     import gold_ds.data.cache as cache
     from gold_ds.trainer.build import _load_data
@@ -198,9 +199,10 @@ def _two_ranks(tmp, path):
     cfg = load_config(raw=tiny_raw(os.path.join(tmp, "run"), data={"train": {"path": path}, "max_prompt_length": 40,
                                                                     "max_completion_length": 5}))
     side, said = TextSide(builtin_tokenizer("arithmetic")), []
-    first = _load_data(cfg, side, "train", said.append)
+    device = torch.device("cpu")
+    first = _load_data(cfg, side, "train", device, said.append)
     assert calls == ([1] if rank == 0 else [])  # local rank 0 encodes; rank 1 only opens its files
-    second = _load_data(cfg, side, "train", said.append)  # a relaunch
+    second = _load_data(cfg, side, "train", device, said.append)  # a relaunch
     assert len(calls) == (1 if rank == 0 else 0)
     assert "encoded in" in said[0] and "found in the cache" in said[1]
     assert first.table.cache_files and first.table.cache_files[0]["filename"].startswith(os.path.join(tmp, "run", "data_cache"))
@@ -236,6 +238,19 @@ def test_source_keys_and_their_errors(tmp_path):
                            columns={"prompt": "question", "completion": "response", "answer": "solution"})
     assert kept(mapped) == sorted(tuple(c) for _, c, _ in reference_encode(side, PLAIN, 40, 5)[0])
     assert open_source(mapped).column_names == ["prompt", "completion", "answer"]
+
+    # a dataset with several configs and splits (a hub repository's layout, here a local copy of one)
+    repo = tmp_path / "repo"
+    for cfg_name, rows in (("easy", CHAT[:2]), ("hard", CHAT[2:])):
+        (repo / cfg_name).mkdir(parents=True)
+        _jsonl(repo / cfg_name / "train.jsonl", rows[:1])
+        _jsonl(repo / cfg_name / "test.jsonl", rows[1:])
+    (repo / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train.jsonl\n"
+        f"  - split: test\n    path: {c}/test.jsonl\n" for c in ("easy", "hard")) + "---\n")
+    assert [r["answer"] for r in open_source(DatasetSource(path=str(repo), name="hard", split="test"))] == [
+        r["answer"] for r in CHAT[3:]]
+    assert kept(DatasetSource(path=str(repo), name="easy", split="train")) == [tuple(want[0][1])]
 
     errors = [(DatasetSource(path=str(tmp_path / "nothing-*.jsonl")), "'data.train.path': the pattern .* matches no file"),
               (DatasetSource(path=mapped.path, columns={"prompt": "query", "completion": "response"}),

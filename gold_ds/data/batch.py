@@ -28,7 +28,7 @@ class RankSampler:
                 perm = torch.randperm(self.num_rows, generator=g)
             else:
                 perm = torch.arange(self.num_rows)
-            self._order = perm[self.rank::self.world_size][:self.per_epoch].tolist()
+            self._order = perm[self.rank::self.world_size][:self.per_epoch]  # a tensor: no Python int per row
             self._epoch = epoch
         return self._order
 
@@ -36,7 +36,7 @@ class RankSampler:
         out = []
         for _ in range(n):
             epoch, pos = divmod(self.consumed, self.per_epoch)
-            out.append(self._epoch_order(epoch)[pos])
+            out.append(int(self._epoch_order(epoch)[pos]))
             self.consumed += 1
         return out
 

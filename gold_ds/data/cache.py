@@ -49,11 +49,11 @@ def cache_key(side, source, raw, max_prompt_length: int, max_completion_length: 
            "seed": source.seed, "columns": source.columns}
     if source.builtin is None:
         files = source_files(source, where)
-        src.update(path=source.path, name=source.name, revision=source.revision)
-        if files is not None:
+        src.update(name=source.name, revision=source.revision)
+        if files is not None:  # however the path is written (relative, a glob), the same files are the same key
             src["files"] = [[os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
         else:
-            src["datasets_fingerprint"] = raw._fingerprint
+            src.update(path=source.path, datasets_fingerprint=raw._fingerprint)
     return {"source": src, "side": side.fingerprint(), "max_prompt_length": max_prompt_length,
             "max_completion_length": max_completion_length, "code": _code_digest()}
 

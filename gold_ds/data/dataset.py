@@ -46,7 +46,7 @@ class BadRowError(ValueError):
 
 
 class BadRow(Exception):
-    """Raised by a side's ``encode_row``: this row is bad for ``reason`` (one of the bad-row reasons)."""
+    """Returned by a side's ``encode_rows`` for a row that is bad for ``reason`` (one of the bad-row reasons)."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
@@ -274,6 +274,7 @@ def encode_table(side, raw, max_prompt_length: int, max_completion_length: int, 
     ``datasets.Dataset`` with the id columns, the report's ``info`` dict). ``work_dir``: where the map
     writes its Arrow files (None: in memory)."""
     import datasets
+    import numpy as np
     import pyarrow.compute as pc
     side.check_columns(raw)
     images = raw.features.get("images")
@@ -292,15 +293,17 @@ def encode_table(side, raw, max_prompt_length: int, max_completion_length: int, 
                      load_from_cache_file=False, new_fingerprint=f"gold_ds-{os.getpid()}-{id(raw)}",
                      fn_kwargs=dict(side=side, max_prompt_length=max_prompt_length,
                                     max_completion_length=max_completion_length), **kw)
-    reasons = mapped.data.column(_REASON).to_pylist()
-    kept = [i for i, r in enumerate(reasons) if r is None]
-    bad = [i for i, r in enumerate(reasons) if r is not None]
-    details = mapped.select(bad[:FIRST_BAD_ROWS])[_DETAIL] if bad else []
-    ok = pc.is_null(mapped.data.column(_REASON))
-    total = lambda values: int(pc.sum(pc.filter(values, ok)).as_py() or 0) if kept else 0  # noqa: E731
+    reason = mapped.data.column(_REASON)
+    ok = pc.is_null(reason)
+    kept = np.flatnonzero(ok.to_numpy(zero_copy_only=False))
+    first_bad = np.flatnonzero(pc.invert(ok).to_numpy(zero_copy_only=False))[:FIRST_BAD_ROWS]
+    shown = mapped.select(first_bad) if len(first_bad) else None
+    total = lambda values: int(pc.sum(pc.filter(values, ok)).as_py() or 0) if len(kept) else 0  # noqa: E731
+    counts = pc.value_counts(pc.drop_null(reason)).to_pylist()
     info = {"source_rows": len(raw), "rows": len(kept),
-            "bad_rows": dict(sorted(Counter(r for r in reasons if r is not None).items())),
-            "first_bad_rows": [[i, reasons[i], d] for i, d in zip(bad, details)],
+            "bad_rows": dict(sorted((c["values"], c["counts"]) for c in counts)),
+            "first_bad_rows": [] if shown is None else [[int(i), r, d] for i, r, d in
+                                                        zip(first_bad, shown[_REASON], shown[_DETAIL])],
             "truncated_completions": total(mapped.data.column(_TRUNCATED).cast("int64")),
             "prompt_tokens": total(pc.list_value_length(mapped.data.column(PROMPT_IDS))),
             "completion_tokens": total(pc.list_value_length(mapped.data.column(COMPLETION_IDS)))}

@@ -5,14 +5,15 @@ Rows are conversational (or prompt/completion message lists) whose user turns ho
 image, a file path, raw bytes, or a ``{"bytes": ..., "path": ...}`` dict (the datasets ``Image``
 feature). The dataset step never decodes or processes an image:
 
-- the dataset step (start-up, ``gold_ds.data.dataset.encode_dataset`` with the student's
+- the dataset step (start-up, ``gold_ds.data.dataset.encode_table`` with the student's
   ``VLMSide``) renders each row's prompt and completion with the student *processor's* chat
   template and tokenizes them (no special tokens added: the template writes them), then expands
   every image token to the number of tokens the processor gives an image of that size
   (``processor._get_num_multimodal_tokens``; the size comes from the file header). So
   ``prompt_ids`` are the exact ids the model sees, ``len(completion_ids)`` is known for the window's
-  normalization, and the prompt-length limit counts image tokens. The images stay in
-  ``Example.images`` untouched.
+  normalization, and the prompt-length limit counts image tokens. The images stay raw in the
+  encoded table (a path stays the path, bytes the bytes; a PIL image in a list of rows becomes PNG
+  bytes) and reach ``Example.images`` as ``{"bytes", "path"}`` dicts, still undecoded.
 - ``VLMSide.batch`` (per micro-step, called only for the current gradient-accumulation micro-step)
   runs the image processor on that micro-step's images and returns ``sequence_tensors`` plus
   the pixel inputs (``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids`` as the model needs).
@@ -251,7 +252,7 @@ class VLMSide:
             per_token["mm_token_type_ids"] = [int(t == self.image_token_id) for t in prompt]
         return per_token, self.pixel_inputs([prompt.images])
 
-    # ---- the dataset step (start-up, no pixels; see ``gold_ds.data.dataset.encode_dataset``)
+    # ---- the dataset step (start-up, no pixels; see ``gold_ds.data.dataset.encode_table``)
     def check_columns(self, dataset) -> None:
         if "images" in dataset.column_names:
             return

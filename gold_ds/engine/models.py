@@ -5,6 +5,8 @@ called by every rank (construction under ZeRO-3 and consolidation are collective
 """
 import contextlib
 import copy
+import sys
+import types
 
 import torch
 
@@ -78,6 +80,30 @@ def build_model(model_cfg, ds_config: dict):
     return model
 
 
+_MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+@contextlib.contextmanager
+def _without_muon_import(ds_config: dict):
+    """DeepSpeed 0.19.8 imports its Muon optimizer in every ZeRO engine's set-up (the optimizer check
+    and stage 3's ``isinstance(optimizer, MuonWithAuxAdam)``); that module runs ``torch.compile`` at
+    import, which loads dynamo and inductor: ~2.5 s of every start-up on CPU. When the configured
+    optimizer is not Muon, a stand-in module whose class nothing is an instance of answers those
+    two questions the same way (not Muon); it is removed once the engine exists."""
+    optimizer = str((ds_config.get("optimizer") or {}).get("type", "")).lower()
+    if optimizer == "muon" or _MUON in sys.modules:
+        yield
+        return
+    stand_in = types.ModuleType(_MUON)
+    stand_in.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})
+    sys.modules[_MUON] = stand_in
+    try:
+        yield
+    finally:
+        if sys.modules.get(_MUON) is stand_in:
+            del sys.modules[_MUON]
+
+
 def build_training_engine(model_cfg, ds: dict, world_size: int, lora=None):
     """A ZeRO-3 training engine (optimizer and LR schedule from the DeepSpeed config). With ``lora``
     (a ``LoraConfig`` section) the model carries a peft adapter and only the parameters that train
@@ -88,8 +114,9 @@ def build_training_engine(model_cfg, ds: dict, world_size: int, lora=None):
     if lora is not None:
         from .lora import apply_lora
         model = apply_lora(model, lora, model_cfg.init_seed)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                      config=ds_config)
+    with _without_muon_import(ds_config):
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                          config=ds_config)
     engine.train()
     return engine
 

@@ -15,6 +15,7 @@
 import functools
 import os
 import random
+import threading
 import time
 
 import torch
@@ -36,30 +37,45 @@ from .objective import build_objective
 from .teacher_sft import teacher_sft
 
 
-def _load_data(cfg, side, split: str, say):
+def _load_data(cfg, side, split: str, device, say):
     """``data.<split>`` encoded into the cache by each node's local rank 0 and opened memory-mapped
-    by every rank (collective). A failure on an encoding rank is raised on every rank."""
+    by every rank (collective). The encoders work in a thread while every rank meets in a small
+    all_reduce every few seconds, so a long encoding never runs into the process group's timeout.
+    A failure on an encoding rank is raised on every rank."""
     source, where = getattr(cfg.data, split), f"data.{split}"
     root = cfg.data.cache_dir or os.path.join(cfg.output_dir, "data_cache")
     rank, local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
-    result = None
-    if local_rank == 0:
+    outcome = {}
+
+    def encode():
         try:
-            result = encode_cached(side, source, cfg.data, root, split, where, log=say)
-        except (ConfigError, BadRowError) as e:
-            result = {"error": type(e).__name__, "message": str(e)}
-            failure = e
-        except Exception as e:  # noqa: BLE001 - any other failure must reach the waiting ranks too
-            result = {"error": "RuntimeError", "message": f"encoding {where} failed: {type(e).__name__}: {e}"}
-            failure = e
+            outcome["result"] = encode_cached(side, source, cfg.data, root, split, where, log=say)
+        except BaseException as e:  # noqa: BLE001 - reported to every rank below
+            outcome["error"] = e
+
+    worker = threading.Thread(target=encode, name=f"gold_ds-encode-{split}", daemon=True) if local_rank == 0 else None
+    if worker is not None:
+        worker.start()
+    while True:  # the other ranks wait inside the all_reduce, for at most 2 s each time
+        if worker is not None:
+            worker.join(timeout=2.0)
+        done = torch.tensor([0.0 if worker is not None and worker.is_alive() else 1.0], device=device)
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        if done.item() == 1.0:
+            break
+    failure = outcome.get("error")
+    mine = None if failure is None else {"error": type(failure).__name__, "message": str(failure)}
+    if worker is not None and failure is None:
+        mine = outcome["result"]
     results = [None] * dist.get_world_size()
-    dist.all_gather_object(results, result)  # ranks are numbered node by node: a node's encoder is rank - local rank
+    dist.all_gather_object(results, mine)  # ranks are numbered node by node: a node's encoder is rank - local rank
     failed = next((r for r in results if r is not None and "error" in r), None)
     if failed is not None:
-        if result is failed:
+        if failure is not None:
             raise failure
-        raise {"ConfigError": ConfigError, "BadRowError": BadRowError}.get(failed["error"], RuntimeError)(
-            failed["message"])
+        kind = {"ConfigError": ConfigError, "BadRowError": BadRowError}.get(failed["error"], RuntimeError)
+        raise kind(failed["message"] if kind is not RuntimeError else
+                   f"encoding {where} failed on another rank: {failed['error']}: {failed['message']}")
     mine = results[rank - local_rank]
     data = open_cached(mine["path"], side, where).check(cfg.data.on_bad_row)
     how = ("found in the cache" if mine["hit"] else
@@ -68,11 +84,28 @@ def _load_data(cfg, side, split: str, say):
     return data
 
 
+class _Phases:
+    """Seconds per start-up phase, for one ``[gold_ds] start-up`` line."""
+
+    def __init__(self):
+        self.seconds, self._t = {}, time.perf_counter()
+
+    def done(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = now - self._t
+        self._t = now
+
+    def line(self) -> str:
+        return "[gold_ds] start-up: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
+
+
 def build_trainer(cfg, resume: bool = False) -> Trainer:
     t_start = time.perf_counter()
+    phases = _Phases()
     assembler = build_assembler(cfg)
     if cfg.student.lora is not None:
         check_lora(cfg.student.model, cfg.student.lora)
+    phases.done("tokenizers")
     accelerator = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     validate_world(cfg, world)
@@ -83,9 +116,11 @@ def build_trainer(cfg, resume: bool = False) -> Trainer:
     if resume and resume_tag is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt_root}")
 
+    phases.done("process group")
     say = functools.partial(print, flush=True) if rank == 0 else (lambda text: None)
-    train_data = _load_data(cfg, assembler.student, "train", say)
-    eval_data = _load_data(cfg, assembler.student, "eval", say) if cfg.data.eval is not None else None
+    device = torch.device(accelerator.current_device_name())
+    train_data = _load_data(cfg, assembler.student, "train", device, say)
+    eval_data = _load_data(cfg, assembler.student, "eval", device, say) if cfg.data.eval is not None else None
     sampler = RankSampler(len(train_data), rank, world, cfg.seed, cfg.data.shuffle)
     log = MetricsLogger(cfg, rank == 0, resumed=resume_tag is not None)
     log.info(f"[gold_ds] {world} ranks on {accelerator.device_name()}; train data: {train_data.report()}")
@@ -95,12 +130,17 @@ def build_trainer(cfg, resume: bool = False) -> Trainer:
         log.log(0, {"data/train_rows": len(train_data), "data/truncated_completions": train_data.truncated_completions,
                     **{f"data/bad_rows/{k}": v for k, v in train_data.bad_rows.items()}})
 
-    teacher_model = (teacher_sft(cfg, assembler, train_data, world, log, resumed=resume_tag is not None)
-                     if cfg.teacher.sft.max_steps > 0 else cfg.teacher.model)
+    phases.done("data")
+    teacher_model = cfg.teacher.model
+    if cfg.teacher.sft.max_steps > 0:
+        teacher_model = teacher_sft(cfg, assembler, train_data, world, log, resumed=resume_tag is not None)
+        phases.done("teacher SFT")
     ds = cfg.student.deepspeed
     micro = ds["train_micro_batch_size_per_gpu"]
     teacher = build_inference_engine(teacher_model, cfg.teacher.deepspeed, micro, world)
+    phases.done("teacher engine")
     student = build_training_engine(cfg.student.model, ds, world, cfg.student.lora)
+    phases.done("student engine")
     objective = build_objective(cfg.distill, student, teacher, assembler, log.info)
     rollout = build_rollout(cfg, student, assembler.student, micro)
     teacher_generator = transformers_generator(cfg, teacher, assembler.teacher, micro)
@@ -112,7 +152,10 @@ def build_trainer(cfg, resume: bool = False) -> Trainer:
     trainer = Trainer(cfg, accelerator=accelerator, assembler=assembler, train_data=train_data, sampler=sampler,
                       student=student, teacher=teacher, objective=objective, rollout=rollout,
                       teacher_generator=teacher_generator, evaluator=evaluator, log=log, t_start=t_start)
+    phases.done("objective and generators")
     if resume_tag is not None:
         trainer.load_state_dict(load_checkpoint(student, ckpt_root, resume_tag))
         log.info(f"[gold_ds] resumed from {os.path.join(ckpt_root, resume_tag)} at step {trainer.step}")
+        phases.done("checkpoint")
+    log.info(phases.line())
     return trainer
