@@ -13,9 +13,10 @@ optimizer step, models with 1,024 positions) for two checkouts, one after the ot
   twice: the first launch encodes, the relaunch finds the cache.
 
 For each launch: seconds from the launcher's start to the first optimizer step's record in
-``metrics.jsonl``, and each rank's peak resident memory (VmHWM of the rank process; the encoding
-workers are separate processes, their peak is shown apart). The growth due to the data is the
-peak minus the same launch's peak with a 2,000-row dataset. Each launch gets an empty
+``metrics.jsonl``, and each rank's peak resident memory (VmHWM of the rank process, sampled every
+0.2 s; the map's worker processes, forked by a node's first rank, have exited by the first step
+and are not counted). The growth due to the data is the peak minus the same launch's peak with a
+2,000-row dataset. Each launch gets an empty
 ``HF_DATASETS_CACHE``, so none reuses another's JSON-to-Arrow conversion.
 """
 import argparse
@@ -75,7 +76,7 @@ def _cmdline(pid: int) -> str:
 
 
 def launch(checkout: str, data: str, out_dir: str, extra: list, port: int) -> dict:
-    """One launch: seconds to the first step, peak RSS per rank and of the encoding workers (MiB)."""
+    """One launch: seconds to the first step and the peak RSS of each rank (MiB)."""
     metrics = os.path.join(out_dir, "metrics.jsonl")
     if os.path.exists(metrics):
         os.remove(metrics)
@@ -91,20 +92,18 @@ def launch(checkout: str, data: str, out_dir: str, extra: list, port: int) -> di
            f"teacher.model.config={json.dumps({**_model(checkout, 'teacher'), **pos})}"] + extra
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=checkout)
-    ranks, workers, first = {}, {}, None
+    ranks, first = {}, None
     log = []
     import threading
     reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
     reader.start()
     while proc.poll() is None:
         for pid in _children(proc.pid):
-            hwm, cmd_line = _status_kib(pid, "VmHWM"), _cmdline(pid)
-            if hwm is None:
-                continue
-            if "train.py" in cmd_line and "--local_rank" in cmd_line:
-                ranks[pid] = max(ranks.get(pid, 0), hwm)
-            elif any("--local_rank" in _cmdline(p) for p in _parents(pid)):
-                workers[pid] = max(workers.get(pid, 0), hwm)
+            parent = _parents(pid)[:1]
+            if "--local_rank" in _cmdline(pid) and not (parent and "--local_rank" in _cmdline(parent[0])):
+                hwm = _status_kib(pid, "VmHWM")
+                if hwm is not None:
+                    ranks[pid] = max(ranks.get(pid, 0), hwm)
         if first is None and os.path.exists(metrics):
             with open(metrics) as f:
                 if any('"step": 1' in line and '"loss"' in line for line in f):
@@ -116,8 +115,7 @@ def launch(checkout: str, data: str, out_dir: str, extra: list, port: int) -> di
         raise SystemExit(f"launch failed ({proc.returncode}):\n" + "".join(log[-40:]))
     said = [line.strip() for line in log if "[gold_ds]" in line and "examples/s" not in line
             and any(k in line for k in ("data", "ranks on", "start-up"))]
-    return {"first_step_s": first, "rank_peak_mib": sorted(v / 1024 for v in ranks.values()),
-            "worker_peak_mib": max(workers.values(), default=0) / 1024, "said": said}
+    return {"first_step_s": first, "rank_peak_mib": sorted(v / 1024 for v in ranks.values()), "said": said}
 
 
 def _parents(pid: int) -> list:
@@ -169,8 +167,8 @@ def main():
         name = f"{kind} {n} rows" + (" (cached relaunch)" if i == 4 else "")
         results[name] = launch(checkout, data[n], os.path.join(a.work, out), extra, port + i)
         r = results[name]
-        print(f"{name}: first step at {r['first_step_s']:.1f}s, rank peaks {[round(x) for x in r['rank_peak_mib']]} MiB, "
-              f"encoding workers' peak {r['worker_peak_mib']:.0f} MiB", flush=True)
+        print(f"{name}: first step at {r['first_step_s']:.1f}s, rank peaks {[round(x) for x in r['rank_peak_mib']]} MiB",
+              flush=True)
         for line in r["said"]:
             print("   ", line)
 
@@ -191,8 +189,6 @@ def main():
     print(f"\n- RSS growth: new {new_g:.0f} MiB vs old {old_g:.0f} MiB: ratio {new_g / old_g:.3f} (target <= 0.1)")
     print(f"- first launch: {t_old / t_new:.2f}x faster than old (target >= 2); cached relaunch {t_cached:.1f} s "
           "(target < 15 s)")
-    print(f"- encoding workers' peak RSS (separate processes, gone before the first step): "
-          f"{results[f'new {a.rows} rows']['worker_peak_mib']:.0f} MiB")
 
 
 if __name__ == "__main__":
