@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="preset overrides by dotted key")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # --resume before or after the overrides
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -46,9 +46,10 @@ def main(argv=None) -> int:
 
     import torch.distributed as dist
     from gold_ds.trainer import build_trainer
-    try:  # start-up checks that need the tokenizers, processors or the world size
+    from gold_ds.data import BadRowError
+    try:  # start-up checks that need the tokenizers, processors, the data or the world size
         trainer = build_trainer(cfg, resume=args.resume)
-    except ConfigError as e:
+    except (ConfigError, BadRowError) as e:
         return _config_error(e)
     trainer.train()
     dist.barrier()

@@ -66,6 +66,9 @@ def _error(tmp_path, overrides=(), mutate=None):
     ("student.model.name_or_path=\"x\"", ["student.model.name_or_path", "exactly one"]),
     ("data.train.path=\"x.jsonl\"", ["data.train.path", "exactly one"]),
     ("student=3", ["student", "3", "section"]),
+    ("student.deepspeed.optimizer.type=\"AdamWW\"", ["student.deepspeed.optimizer.type", "'AdamWW'", "adamw", "torch.optim"]),
+    ("student.deepspeed.optimizer.params.lr=-0.001", ["student.deepspeed.optimizer.params.lr", "-0.001", "positive number"]),
+    ("student.deepspeed.optimizer.params.lr=\"fast\"", ["student.deepspeed.optimizer.params.lr", "'fast'", "positive number"]),
 ])
 def test_invalid_values_name_key_value_and_fix(tmp_path, override, words):
     msg = _error(tmp_path, [override])
@@ -95,3 +98,10 @@ def test_world_size_checks(tmp_path):
     validate_world(cfg, 2)
     with pytest.raises(ConfigError, match=r"student.deepspeed.train_batch_size.*= 12 on 3 ranks"):
         validate_world(cfg, 3)
+
+
+def test_optimizer_names_deepspeed_and_torch(tmp_path):
+    """DeepSpeed's names in any case and torch.optim class names are accepted."""
+    for name in ("AdamW", "adam", "Lion", "SGD", "RMSprop"):
+        cfg = load_config(raw=tiny_raw(tmp_path), overrides=[f"student.deepspeed.optimizer.type=\"{name}\""])
+        assert cfg.student.deepspeed["optimizer"]["type"] == name

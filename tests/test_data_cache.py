@@ -281,3 +281,32 @@ def test_bad_rows_error_names_the_row(tmp_path):
     with pytest.raises(BadRowError, match="data.train: dataset row 2 is bad: no_assistant_turn.*on_bad_row=report"):
         data.check("error")
     assert np.array_equal([len(s.completion_ids) for s in data], [len(c) for _, c, _ in reference_encode(side, CHAT[:2], 40, 5)[0]])
+
+
+def test_rows_that_cannot_be_read_stop_the_run(tmp_path):
+    """Conversational data for a tokenizer without a chat template, and a row of no known format,
+    stop at start naming the key or the row (the launcher turns both into one message, exit 2)."""
+    plain = builtin_tokenizer("arithmetic")
+    plain.chat_template = None
+    with pytest.raises(ConfigError, match="'student.model.tokenizer': the tokenizer has no chat template"):
+        encode_cached(TextSide(plain), DatasetSource(path=_jsonl(tmp_path / "chat.jsonl", CHAT)), _cfg(),
+                      str(tmp_path / "c"), "train", "data.train", log=lambda _: None)
+    assert len(open_cached(encode_cached(TextSide(plain), DatasetSource(path=_jsonl(tmp_path / "p.jsonl", PLAIN)), _cfg(),
+                                         str(tmp_path / "c"), "train", "data.train", log=lambda _: None)["path"],
+                           TextSide(plain), "data.train")) == len(PLAIN)  # plain text needs no template
+    mixed = PLAIN[:2] + [{"prompt": "1+1=", "completion": None, "answer": "2"}]
+    with pytest.raises(BadRowError, match="dataset row 2: row has prompt of type str and completion of type NoneType"):
+        encode_cached(TextSide(builtin_tokenizer("arithmetic")), DatasetSource(path=_jsonl(tmp_path / "m.jsonl", mixed)),
+                      _cfg(num_proc=2), str(tmp_path / "c"), "train", "data.train", log=lambda _: None)
+
+
+def test_tokenizers_that_cannot_be_loaded_name_the_key(tmp_path):
+    from gold_ds.config import ModelConfig
+    from gold_ds.data import load_tokenizer
+    with pytest.raises(ConfigError, match=r"'teacher.model.name_or_path': cannot load a tokenizer from .*missing' "
+                                          r"\(no such directory\)"):
+        load_tokenizer(ModelConfig(name_or_path=str(tmp_path / "missing")), "teacher.model")
+    (tmp_path / "weights-only").mkdir()
+    (tmp_path / "weights-only" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ConfigError, match=r"'student.model.tokenizer': cannot load a tokenizer from .*weights-only'"):
+        load_tokenizer(ModelConfig(name_or_path="x", tokenizer=str(tmp_path / "weights-only")), "student.model")

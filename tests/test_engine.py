@@ -15,6 +15,7 @@ import glob
 import json
 import os
 
+import pytest
 import torch
 
 import reference_losses as ref
@@ -203,7 +204,7 @@ def test_rollouts(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 def _resume_export_wandb(tmp):
     import torch.distributed as dist
-    from gold_ds.config import load_config
+    from gold_ds.config import ConfigError, load_config
     from gold_ds.trainer import build_trainer
 
     def preset(out, **kw):
@@ -216,8 +217,11 @@ def _resume_export_wandb(tmp):
 
     interrupted = os.path.join(tmp, "interrupted")
     whole = os.path.join(tmp, "whole")
-    build_trainer(load_config(raw=preset(interrupted, max_steps=2, checkpoint={"every": 2, "keep_last": 1}))).train()
+    # interrupted after step 3, its last checkpoint at step 2: the resumed run redoes step 3
+    build_trainer(load_config(raw=preset(interrupted, max_steps=3, checkpoint={"every": 2, "keep_last": 1}))).train()
     build_trainer(load_config(raw=preset(interrupted, max_steps=4)), resume=True).train()
+    with pytest.raises(ConfigError, match="at step 2 and max_steps=2: nothing left to train"):
+        build_trainer(load_config(raw=preset(interrupted, max_steps=2)), resume=True)
     raw = preset(whole, max_steps=4, export={"enabled": True}, eval={"every": 2, "num_samples": 4},
                  logging={"progress_bar": False, "wandb": {"enabled": True, "mode": "offline", "project": "t"}})
     raw["data"]["eval"] = {"builtin": "arithmetic", "split": "eval", "num_examples": 4}
@@ -231,6 +235,8 @@ def _resume_export_wandb(tmp):
     if dist.get_rank() == 0:
         resumed, uninterrupted = logged_losses(interrupted), logged_losses(whole)
         assert sorted(resumed) == [1, 2, 3, 4] and sorted(uninterrupted) == [1, 2, 3, 4]
+        with open(os.path.join(interrupted, "metrics.jsonl")) as f:  # every step once: step 3's first record dropped
+            assert [r["step"] for r in map(json.loads, f) if "loss" in r] == [1, 2, 3, 4]
         assert resumed[3] == uninterrupted[3] and resumed[4] == uninterrupted[4], (resumed, uninterrupted)
         assert resumed[1] == uninterrupted[1]
         ckpts = sorted(d for d in os.listdir(os.path.join(interrupted, "checkpoints")) if d.startswith(("step-", "latest")))

@@ -69,7 +69,27 @@ def test_start_up_check_fails_with_one_message(tmp_path):
 
 
 def test_bad_override_fails_at_start(tmp_path):
-    out = subprocess.run([sys.executable, TRAIN, "--config", _preset(tmp_path), "distill.beta=2"],
-                         env=_env(), capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2
-    assert "config key 'distill.beta': got 2" in out.stderr and "[0, 1]" in out.stderr
+    for args in (["distill.beta=2"], ["distill.beta=2", "--resume"]):  # --resume anywhere on the line
+        out = subprocess.run([sys.executable, TRAIN, "--config", _preset(tmp_path), *args],
+                             env=_env(), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, out.stderr
+        assert "config key 'distill.beta': got 2" in out.stderr and "[0, 1]" in out.stderr
+
+
+def test_data_errors_fail_with_one_message(tmp_path):
+    """Through the launcher on 2 ranks, data that stops the run (a bad row under on_bad_row=error,
+    found by the node's encoder and reported by every rank) ends with one message and exit code 2;
+    a relaunch finds the encoded cache and says so before failing the same way."""
+    rows = [{"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]},
+            {"messages": [{"role": "user", "content": "1+2="}]}] * 4
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, "--config", _preset(tmp_path),
+           f"data.train={json.dumps({'path': str(data)})}", "data.on_bad_row=error"]
+    for launch in ("first", "relaunch"):
+        out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        text = out.stdout + out.stderr
+        assert out.returncode == 2, text[-3000:]
+        assert text.count("gold_ds: data.train: dataset row 1 is bad: no_assistant_turn") == 1, text[-3000:]
+        assert "Traceback" not in text
+        assert ("found in the cache" in text) == (launch == "relaunch"), text[-3000:]

@@ -129,6 +129,17 @@ def _positive_int(value, key):
         _fail(key, value, "expected a positive integer")
 
 
+_DS_OPTIMIZERS = ("adam", "adamw", "adagrad", "lamb", "lion", "muadam", "muadamw", "musgd", "muon")
+"""DeepSpeed 0.19.8's optimizer names (``deepspeed.runtime.config.DEEPSPEED_OPTIMIZERS``, matched in
+lower case); any other name is looked up in ``torch.optim``."""
+
+
+def _is_torch_optimizer(name: str) -> bool:
+    import torch.optim
+    cls = getattr(torch.optim, name, None)
+    return isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)
+
+
 def _check_training_ds(ds: dict, key: str) -> None:
     _ds_stage(ds, key)
     for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
@@ -140,6 +151,16 @@ def _check_training_ds(ds: dict, key: str) -> None:
               '{"type": "AdamW", "params": {"lr": 1e-4}}')
     if "train_batch_size" in ds and ds["train_batch_size"] != "auto":
         _positive_int(ds["train_batch_size"], f"{key}.train_batch_size")
+    opt = ds["optimizer"]
+    if not isinstance(opt, dict) or not isinstance(opt.get("type"), str):
+        _fail(f"{key}.optimizer.type", opt.get("type") if isinstance(opt, dict) else opt,
+              "a DeepSpeed optimizer name (" + ", ".join(_DS_OPTIMIZERS) + ") or a torch.optim class name")
+    if opt["type"].lower() not in _DS_OPTIMIZERS and not _is_torch_optimizer(opt["type"]):
+        _fail(f"{key}.optimizer.type", opt["type"],
+              "a DeepSpeed optimizer name (" + ", ".join(_DS_OPTIMIZERS) + ") or a torch.optim class name (e.g. SGD)")
+    lr = (opt.get("params") or {}).get("lr")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf")):
+        _fail(f"{key}.optimizer.params.lr", lr, "expected a positive number, e.g. 1e-5")
 
 
 def _check_offload(ds: dict, key: str, logits: str) -> None:

@@ -78,8 +78,8 @@ def build_assembler(cfg):
         student, teacher = vlm_sides(cfg)
     else:
         from .render import TextSide
-        student = TextSide(load_tokenizer(s_cfg), "student.model.tokenizer")
-        teacher = TextSide(load_tokenizer(t_cfg), "teacher.model.tokenizer")
+        student = TextSide(load_tokenizer(s_cfg, "student.model"), "student.model.tokenizer")
+        teacher = TextSide(load_tokenizer(t_cfg, "teacher.model"), "teacher.model.tokenizer")
     if not cfg.distill.cross_tokenizer:
         _check_shared_vocabulary(student, teacher)
         return SharedAssembler(student, teacher)

@@ -42,7 +42,8 @@ FIRST_BAD_ROWS = 5
 
 
 class BadRowError(ValueError):
-    """A dataset row that cannot be trained on, with ``data.on_bad_row`` = ``error``."""
+    """Data that stops the run: a bad row with ``data.on_bad_row`` = ``error``, a row of no known
+    format, or no usable rows at all. The launcher reports it as one message, exit code 2."""
 
 
 class BadRow(Exception):
@@ -226,7 +227,7 @@ def _encode_batch(batch: dict, indices: list, *, side, max_prompt_length: int, m
         try:
             ex = to_example(row)
         except ValueError as e:
-            raise ValueError(f"dataset row {indices[j]}: {e}") from None
+            raise BadRowError(f"dataset row {indices[j]}: {e}") from None
         if isinstance(ex, str):
             reasons[j] = ex
         examples.append(ex)

@@ -82,6 +82,12 @@ class TextSide:
 
     # ---- the dataset step
     def check_columns(self, dataset) -> None:
+        chat = "messages" in dataset.column_names or (
+            "prompt" in dataset.column_names and not _is_string_column(dataset.data.column("prompt")))
+        if chat and not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(f"config key '{self.key}': the tokenizer has no chat template, and the data is "
+                              "conversational (chat messages); use a chat model's tokenizer or set its chat_template "
+                              "(tokenizer_config.json), or give prompt/completion strings (plain text)")
         if "images" in dataset.column_names and _holds_lists(dataset.data.column("images")):
             raise ConfigError("the dataset has an 'images' column but the student is a text-only model: set "
                               "student.model.processor (and teacher.model.processor) to vision-language processors, "
@@ -113,6 +119,11 @@ class TextSide:
 
     def fingerprint(self) -> str:
         return tokenizer_fingerprint(self.tokenizer)
+
+
+def _is_string_column(column) -> bool:
+    import pyarrow as pa
+    return pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
 
 
 def _holds_lists(column) -> bool:

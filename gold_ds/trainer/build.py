@@ -77,11 +77,10 @@ def _load_data(cfg, side, split: str, device, say):
         raise kind(failed["message"] if kind is not RuntimeError else
                    f"encoding {where} failed on another rank: {failed['error']}: {failed['message']}")
     mine = results[rank - local_rank]
-    data = open_cached(mine["path"], side, where).check(cfg.data.on_bad_row)
     how = ("found in the cache" if mine["hit"] else
            f"encoded in {mine['seconds']:.1f}s with data.num_proc={cfg.data.num_proc}")
     say(f"[gold_ds] {split} data {how}: {mine['path']}")
-    return data
+    return open_cached(mine["path"], side, where).check(cfg.data.on_bad_row)
 
 
 class _Phases:
@@ -114,7 +113,8 @@ def build_trainer(cfg, resume: bool = False) -> Trainer:
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     resume_tag = latest_checkpoint(ckpt_root) if resume else None
     if resume and resume_tag is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt_root}")
+        raise ConfigError(f"--resume: no complete checkpoint in {ckpt_root} (output_dir={cfg.output_dir!r}); "
+                          "start without --resume, or point output_dir at the run to continue")
 
     phases.done("process group")
     say = functools.partial(print, flush=True) if rank == 0 else (lambda text: None)
@@ -155,6 +155,10 @@ def build_trainer(cfg, resume: bool = False) -> Trainer:
     phases.done("objective and generators")
     if resume_tag is not None:
         trainer.load_state_dict(load_checkpoint(student, ckpt_root, resume_tag))
+        if trainer.step >= cfg.max_steps:
+            raise ConfigError(f"--resume: the checkpoint {os.path.join(ckpt_root, resume_tag)} is at step {trainer.step} "
+                              f"and max_steps={cfg.max_steps}: nothing left to train; raise max_steps to continue")
+        log.drop_records_after(trainer.step)
         log.info(f"[gold_ds] resumed from {os.path.join(ckpt_root, resume_tag)} at step {trainer.step}")
         phases.done("checkpoint")
     log.info(phases.line())

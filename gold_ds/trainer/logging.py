@@ -72,6 +72,20 @@ class MetricsLogger:
             with open(id_file, "w") as f:
                 f.write(self.wandb_run.id)
 
+    def drop_records_after(self, step: int) -> None:
+        """On resume: drop the distillation records after ``step`` (the checkpoint's), which the
+        resumed run logs again, so that every step appears once in ``metrics.jsonl``."""
+        if not self.enabled:
+            return
+        path = self.jsonl.name
+        self.jsonl.close()
+        with open(path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(lines)
+        os.replace(path + ".tmp", path)
+        self.jsonl = open(path, "a")
+
     def start_progress(self, total_steps: int, initial_step: int) -> None:
         if self.enabled and self.cfg.logging.progress_bar:
             from tqdm.auto import tqdm
