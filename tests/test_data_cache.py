@@ -219,7 +219,7 @@ def test_two_ranks_one_encoder(tmp_path):
     run_ranks(_two_ranks, 2, str(tmp_path), path, err_dir=str(tmp_path / "errors"))
 
 
-def test_source_keys_and_their_errors(tmp_path):
+def test_source_keys_and_their_errors(tmp_path, monkeypatch):
     tok = builtin_tokenizer("arithmetic")
     side, cfg = TextSide(tok), _cfg()
     (tmp_path / "shards").mkdir()
@@ -262,6 +262,10 @@ def test_source_keys_and_their_errors(tmp_path):
     for source, message in errors:
         with pytest.raises(ConfigError, match=message):
             kept(source)
+    import datasets
+    import huggingface_hub.constants
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no network here: fail at once, not after retries
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ConfigError, match=r"'data.train.path': cannot load the hub dataset 'no-such-org/no-such-set' "
                                           r"\(split='train', revision='nope'; keys data.train.name/.split/.revision\)"):
         open_source(DatasetSource(path="no-such-org/no-such-set", revision="nope"))
