@@ -51,7 +51,20 @@ def main(argv=None) -> int:
         trainer = build_trainer(cfg, resume=args.resume)
     except (ConfigError, BadRowError) as e:
         return _config_error(e)
-    trainer.train()
+    from gold_ds.trainer.stop import EXIT_LOST_RANK, EXIT_PREEMPTED, Preempted, is_collective_failure
+    try:
+        trainer.train()
+    except Preempted:
+        return EXIT_PREEMPTED  # every rank stopped after the same step, with a checkpoint
+    except Exception as e:  # noqa: BLE001 - a lost rank is one line; anything else keeps its traceback
+        if not is_collective_failure(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"gold_ds: rank {os.environ.get('RANK', '0')}: lost the other ranks during step {trainer.step + 1} "
+              f"({type(e).__name__}: {first[:200]}); a rank died or did not answer within timeout_s={cfg.timeout_s}: "
+              "the launcher's log names the rank that exited first; --resume continues from the last checkpoint",
+              file=sys.stderr, flush=True)
+        return EXIT_LOST_RANK
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -283,6 +283,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             if not isinstance(theirs, str) or not theirs:
                 _fail(f"{name}.columns.{ours}", theirs, "expected the name of one of the dataset's columns")
     _positive_int(d.num_proc, "data.num_proc")
+    _positive_int(cfg.timeout_s, "timeout_s")
     _positive_int(d.max_prompt_length, "data.max_prompt_length")
     _positive_int(d.max_completion_length, "data.max_completion_length")
 

@@ -292,6 +292,10 @@ class RunConfig:
     seed: int = 0
     max_steps: int = 100
     """Optimizer steps of distillation."""
+    timeout_s: int = 300
+    """Seconds a collective waits for the other ranks before the run stops (exit code 3): a rank that
+    died or hangs ends the job within this. Raise it if one rank alone works longer between
+    collectives (a very large export)."""
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)

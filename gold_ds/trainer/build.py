@@ -105,7 +105,7 @@ def build_trainer(cfg, resume: bool = False) -> Trainer:
     if cfg.student.lora is not None:
         check_lora(cfg.student.model, cfg.student.lora)
     phases.done("tokenizers")
-    accelerator = init_distributed()
+    accelerator = init_distributed(cfg.timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     validate_world(cfg, world)
     random.seed(cfg.seed + rank)

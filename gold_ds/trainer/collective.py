@@ -5,12 +5,14 @@ import torch
 import torch.distributed as dist
 
 
-def init_distributed():
+def init_distributed(timeout_s: int = 300):
     """Join the process group set up by the launcher (deepspeed, torchrun or spawn env vars).
-    nccl on GPUs, gloo on CPU (DeepSpeed picks it). Returns DeepSpeed's accelerator."""
+    nccl on GPUs, gloo on CPU (DeepSpeed picks it); a collective fails after ``timeout_s``.
+    Returns DeepSpeed's accelerator."""
+    import datetime
     import deepspeed
     from deepspeed.accelerator import get_accelerator
-    deepspeed.init_distributed()
+    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
     acc = get_accelerator()
     if acc.device_name() != "cpu":
         acc.set_device(int(os.environ.get("LOCAL_RANK", 0)))

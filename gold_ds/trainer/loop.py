@@ -34,6 +34,7 @@ from ..engine.lora import export_lora
 from ..engine.weights import gathered_weight_buckets
 from .collective import global_sum
 from .logging import step_metrics
+from .stop import Preempted, StopRequests
 
 
 class PhaseTimer:
@@ -160,16 +161,28 @@ class Trainer:
         if self.step == 0:
             self.results["before"] = self._evaluate("before training")
         self.log.start_progress(cfg.max_steps, self.step)
-        while self.step < cfg.max_steps:
-            metrics = self.train_step()
-            if self.step % cfg.logging.every == 0 or self.step == cfg.max_steps:
-                self.log.log(self.step, {k: v for k, v in metrics.items() if v is not None})
-            self.log.progress(metrics)
-            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.max_steps:
-                self._evaluate("periodic")
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
-                self.wall = time.perf_counter() - t_run
-                save_checkpoint(self.student, self.ckpt_root, self.step, self.state_dict(), cfg.checkpoint.keep_last)
+        with StopRequests() as stop:
+            while self.step < cfg.max_steps:
+                metrics = self.train_step()
+                if self.step % cfg.logging.every == 0 or self.step == cfg.max_steps:
+                    self.log.log(self.step, {k: v for k, v in metrics.items() if v is not None})
+                self.log.progress(metrics)
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.max_steps:
+                    self._evaluate("periodic")
+                saved = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
+                if saved:
+                    self.wall = time.perf_counter() - t_run
+                    save_checkpoint(self.student, self.ckpt_root, self.step, self.state_dict(), cfg.checkpoint.keep_last)
+                reason = stop.agreed(self.device) if self.step < cfg.max_steps else ""
+                if reason:
+                    if not saved:
+                        self.wall = time.perf_counter() - t_run
+                        save_checkpoint(self.student, self.ckpt_root, self.step, self.state_dict(),
+                                        cfg.checkpoint.keep_last)
+                    self.log.info(f"[gold_ds] stopping after step {self.step} ({reason}): checkpoint "
+                                  f"{self.ckpt_root}/step-{self.step} written; --resume continues")
+                    self.log.close()
+                    raise Preempted(self.step)
         self.results["after"] = self._evaluate("after training")
         if cfg.export.enabled:
             out, preprocessor = os.path.join(cfg.output_dir, "export"), self.assembler.student.preprocessor
