@@ -105,3 +105,15 @@ def test_optimizer_names_deepspeed_and_torch(tmp_path):
     for name in ("AdamW", "adam", "Lion", "SGD", "RMSprop"):
         cfg = load_config(raw=tiny_raw(tmp_path), overrides=[f"student.deepspeed.optimizer.type=\"{name}\""])
         assert cfg.student.deepspeed["optimizer"]["type"] == name
+
+
+def test_schedule_length_follows_max_steps(tmp_path):
+    raw = tiny_raw(tmp_path, max_steps=40)
+    raw["student"]["deepspeed"]["scheduler"] = {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 2}}
+    raw["teacher"]["sft"] = {"max_steps": 7, "deepspeed": {**raw["student"]["deepspeed"],
+                                                          "scheduler": {"type": "WarmupDecayLR", "params": {}}}}
+    cfg = load_config(raw=raw)
+    assert cfg.student.deepspeed["scheduler"]["params"] == {"warmup_num_steps": 2, "total_num_steps": 40}
+    assert cfg.teacher.sft.deepspeed["scheduler"]["params"] == {"total_num_steps": 7}
+    raw["student"]["deepspeed"]["scheduler"]["params"]["total_num_steps"] = 100  # set: kept
+    assert load_config(raw=raw).student.deepspeed["scheduler"]["params"]["total_num_steps"] == 100

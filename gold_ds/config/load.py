@@ -242,6 +242,19 @@ def _check_rollout_vllm(r, d) -> None:
               "pip uninstall -y torchvision torchaudio torchcodec), or use 'transformers'")
 
 
+_SCHEDULES_WITH_LENGTH = ("WarmupCosineLR", "WarmupDecayLR")
+
+
+def _schedule_length(ds: dict, steps: int) -> None:
+    """A DeepSpeed schedule that needs its length (``total_num_steps``) gets the stage's
+    ``max_steps`` unless the preset sets it."""
+    sched = ds.get("scheduler") if isinstance(ds, dict) else None
+    if isinstance(sched, dict) and sched.get("type") in _SCHEDULES_WITH_LENGTH and steps > 0:
+        params = sched.setdefault("params", {})
+        if isinstance(params, dict):
+            params.setdefault("total_num_steps", steps)
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Checks that need no process group (``validate_world`` adds those that need the world size)."""
     if cfg.max_steps < 0:
@@ -249,6 +262,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check_model(cfg.student.model, "student.model")
     _check_model(cfg.teacher.model, "teacher.model")
     _check_training_ds(cfg.student.deepspeed, "student.deepspeed")
+    _schedule_length(cfg.student.deepspeed, cfg.max_steps)
+    _schedule_length(cfg.teacher.sft.deepspeed, cfg.teacher.sft.max_steps)
     _ds_stage(cfg.teacher.deepspeed, "teacher.deepspeed")
     if "optimizer" in cfg.teacher.deepspeed:
         _fail("teacher.deepspeed.optimizer", cfg.teacher.deepspeed["optimizer"],
