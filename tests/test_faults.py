@@ -121,3 +121,35 @@ def test_a_killed_rank_ends_the_job(tmp_path):
     assert _no_worker_left(preset, timeout=10)
     assert "Traceback" not in out, out[-3000:]
     assert out.count("gold_ds: rank 0: lost the other ranks during step") == 1, out[-3000:]
+
+
+def _nan_on_rank1(tmp):
+    import pytest
+    import torch
+    import torch.distributed as dist
+    from gold_ds.config import load_config
+    from gold_ds.trainer import build_trainer
+    from gold_ds.trainer.stop import NonFiniteLoss
+    tr = build_trainer(load_config(raw=tiny_raw(os.path.join(tmp, "run"), max_steps=3,
+                                                distill={"beta": 0.5, "lmbda": 0.0})))
+    tr.train_step()
+    before = tr.student._zero3_consolidated_16bit_state_dict()
+    real, calls = tr.objective.loss, []
+
+    def loss(micro_batch, targets):  # step 2, micro-step 2, rank 1 only: an injected NaN
+        value, share = real(micro_batch, targets)
+        calls.append(1)
+        if len(calls) == 2 and dist.get_rank() == 1:
+            return value * float("nan"), float("nan")
+        return value, share
+    tr.objective.loss = loss
+    with pytest.raises(NonFiniteLoss, match=r"step 2, micro-step 2 is NaN or inf on rank\(s\) \[1\]"):
+        tr.train_step()
+    after = tr.student._zero3_consolidated_16bit_state_dict()
+    if dist.get_rank() == 0:
+        assert all(torch.equal(before[k], after[k]) for k in before)  # no update from the bad window
+
+
+def test_a_nan_loss_stops_every_rank_before_any_update(tmp_path):
+    from conftest import run_ranks
+    run_ranks(_nan_on_rank1, 2, str(tmp_path), err_dir=str(tmp_path / "errors"))

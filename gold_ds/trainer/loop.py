@@ -8,7 +8,9 @@ One optimizer step (a *window* of GA micro-steps), on every rank (``Trainer.trai
   3. rollout: all on-policy prompts of the window are generated in one call (``gold_ds.rollout``);
   4. per micro-step: assemble its tensors (``gold_ds.data.assembler``), teacher forward (no grad),
      student forward, loss (``objective.py``), backward;
-  5. ``engine.step()`` (DeepSpeed steps the optimizer at the window's end), metrics, eval, checkpoint.
+     (a NaN/inf loss on any rank stops every rank before its backward: ``gold_ds.trainer.stop``);
+  5. ``engine.step()`` (DeepSpeed steps the optimizer at the window's end), metrics, eval, checkpoint;
+     then every rank agrees whether to stop (a signal, the launcher gone) and, if so, checkpoints.
 
 Loss normalization (per window): the loss of a micro-step is its summed per-token divergence times
 world_size / N, where N is the number of completion tokens trained in the whole window on all ranks
@@ -34,7 +36,7 @@ from ..engine.lora import export_lora
 from ..engine.weights import gathered_weight_buckets
 from .collective import global_sum
 from .logging import step_metrics
-from .stop import Preempted, StopRequests
+from .stop import Preempted, StopRequests, check_finite
 
 
 class PhaseTimer:
@@ -87,12 +89,13 @@ class Trainer:
         tokens = global_sum([float(sum(len(s.completion_ids) for s in samples)) for samples in micro_steps],
                             self.device)
         losses, counters = [], collections.Counter()
-        for samples in micro_steps:
+        for m, samples in enumerate(micro_steps):
             micro_batch = self.assembler.assemble(samples)
             with timer("teacher"):
                 targets = self.objective.teacher_targets(micro_batch)
             with timer("student"):
                 loss, share = self.objective.loss(micro_batch, targets)
+                check_finite(share, self.device, self.step + 1, m + 1)  # never train on a NaN
                 self.student.backward(loss * (self.world / sum(tokens)), scale_wrt_gas=False)
             with timer("optimizer"):
                 self.student.step()

@@ -9,10 +9,14 @@
   asked, every rank stops after the same step. The trainer then writes a checkpoint and raises
   ``Preempted``; ``launch/train.py`` exits with ``EXIT_PREEMPTED`` and ``--resume`` continues.
 
+``check_finite`` (every micro-step, before backward): a NaN or inf loss on any rank stops every
+rank with ``NonFiniteLoss`` (``EXIT_NON_FINITE``), so no update is ever made from it.
+
 A collective that fails (a rank died: its peers' connections close; or it stopped answering for
 longer than ``timeout_s``, the process group's timeout) ends the rank with ``EXIT_LOST_RANK`` and
 one line naming the step (``launch/train.py``).
 """
+import math
 import os
 import signal
 import threading
@@ -34,8 +38,29 @@ _LAUNCHER_MODULES = ("deepspeed.launcher.launch", "deepspeed.launcher.runner", "
                      "torch.distributed.launch")
 
 
+EXIT_NON_FINITE = 4
+"""A loss was NaN or inf on some rank: stopped before its backward (no update from it)."""
+
+
 class Preempted(Exception):
     """Every rank stopped after a step and wrote a checkpoint."""
+
+
+class NonFiniteLoss(Exception):
+    """A micro-step's loss was NaN or inf on some rank; raised on every rank before backward."""
+
+
+def check_finite(value: float, device, step: int, micro_step: int) -> None:
+    """Collective: raise ``NonFiniteLoss`` on every rank if ``value`` is NaN or inf on any rank."""
+    bad = torch.zeros(dist.get_world_size(), device=device)
+    if not math.isfinite(value):
+        bad[dist.get_rank()] = 1.0
+    dist.all_reduce(bad)
+    if bad.any():
+        ranks = [r for r, b in enumerate(bad.tolist()) if b]
+        raise NonFiniteLoss(f"the loss of step {step}, micro-step {micro_step} is NaN or inf on rank(s) {ranks}; "
+                            "no update was made from it (the last checkpoint is before it): lower the learning "
+                            "rate, check the data and the teacher's outputs, then --resume")
 
 
 def _argv(pid: int) -> list:
