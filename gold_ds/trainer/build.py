@@ -21,8 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..config import validate_world
-from ..config import ConfigError
+from ..config import ConfigError, validate_world
 from ..data import BadRowError, RankSampler, build_assembler
 from ..data.cache import encode_cached, open_cached
 from ..engine.checkpoint import latest_checkpoint, load_checkpoint
