@@ -32,7 +32,7 @@ def reference_encode(side, rows, max_prompt_length, max_completion_length):
             bad[i] = ex
             continue
         try:
-            got = side.encode_rows([ex], [row])[0] if isinstance(side, VLMSide) else side.encode(ex)
+            got = side.encode_rows([ex])[0] if isinstance(side, VLMSide) else side.encode(ex)
             if isinstance(got, BadRow):
                 raise got
             p, c = got

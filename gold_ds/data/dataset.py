@@ -232,7 +232,7 @@ def _encode_batch(batch: dict, indices: list, *, side, max_prompt_length: int, m
             reasons[j] = ex
         examples.append(ex)
     todo = [j for j in range(len(rows)) if reasons[j] is None]
-    encoded = dict(zip(todo, side.encode_rows([examples[j] for j in todo], [rows[j] for j in todo])))
+    encoded = dict(zip(todo, side.encode_rows([examples[j] for j in todo])))
     prompt_ids, completion_ids, truncated = [], [], []
     for j in range(len(rows)):
         p = c = []

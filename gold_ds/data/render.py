@@ -10,7 +10,7 @@ Protocol: ``tokenizer``, ``preprocessor`` (what an export saves beside the weigh
 ``placeholder_ids`` (tokens a sampler must never produce, or None), ``encode_prompt(example)``,
 ``encode(example, text=None) -> (prompt ids, completion ids)``, ``batch(samples) -> tensors``, and
 for the dataset step (``gold_ds.data.dataset``, ``gold_ds.data.cache``) ``check_columns(dataset)``,
-``encode_rows(examples, rows) -> [(prompt ids, completion ids) or BadRow]``, ``prompt_length_note``,
+``encode_rows(examples) -> [(prompt ids, completion ids) or BadRow]``, ``prompt_length_note``,
 ``prompt_from_ids(ids, example)`` (a stored prompt as the side's prompt object) and ``fingerprint()``
 (a digest of everything in the side that changes an encoding).
 
@@ -93,7 +93,7 @@ class TextSide:
                               "student.model.processor (and teacher.model.processor) to vision-language processors, "
                               "or drop the column")
 
-    def encode_rows(self, examples: list, rows: list) -> list:
+    def encode_rows(self, examples: list) -> list:
         """``encode`` of many examples, with one batched tokenizer call per kind of text."""
         tok, chat = self.tokenizer, [i for i, ex in enumerate(examples) if not isinstance(ex.prompt, str)]
         plain = [i for i, ex in enumerate(examples) if isinstance(ex.prompt, str)]

@@ -262,7 +262,7 @@ class VLMSide:
                               "add one (a list of PIL images, file paths or bytes per row, one per image part), "
                               "or map yours with data.*.columns")
 
-    def encode_rows(self, examples: list, rows: list) -> list:
+    def encode_rows(self, examples: list) -> list:
         """``encode`` per example; bad-row reason ``missing_images``: image parts and images that do
         not pair up, or an image that cannot be opened (images are only opened for their size)."""
         out = []
