@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     except (ConfigError, BadRowError) as e:
         return _config_error(e)
     from gold_ds.trainer.stop import (EXIT_LOST_RANK, EXIT_NON_FINITE, EXIT_PREEMPTED, NonFiniteLoss, Preempted,
-                                      is_collective_failure)
+                                      is_collective_failure, lost_ranks)
     try:
         trainer.train()
     except Preempted:
@@ -65,9 +65,11 @@ def main(argv=None) -> int:
         if not is_collective_failure(e):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"gold_ds: rank {os.environ.get('RANK', '0')}: lost the other ranks during step {trainer.step + 1} "
-              f"({type(e).__name__}: {first[:200]}); a rank died or did not answer within timeout_s={cfg.timeout_s}: "
-              "the launcher's log names the rank that exited first; --resume continues from the last checkpoint",
+        gone = lost_ranks(trainer.processes)
+        who = (f"rank(s) {gone} exited" if gone else
+               f"a rank on another node died, or one did not answer within timeout_s={cfg.timeout_s}")
+        print(f"gold_ds: rank {os.environ.get('RANK', '0')}: lost the other ranks during step {trainer.step + 1}: "
+              f"{who} ({type(e).__name__}: {first[:200]}); --resume continues from the last checkpoint",
               file=sys.stderr, flush=True)
         return EXIT_LOST_RANK
     dist.barrier()

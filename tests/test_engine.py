@@ -222,6 +222,14 @@ def _resume_export_wandb(tmp):
     build_trainer(load_config(raw=preset(interrupted, max_steps=4)), resume=True).train()
     with pytest.raises(ConfigError, match="at step 2 and max_steps=2: nothing left to train"):
         build_trainer(load_config(raw=preset(interrupted, max_steps=2)), resume=True)
+    other = preset(interrupted, max_steps=6)  # max_steps, beta may change; not the model, not GA
+    other["student"]["model"]["config"]["hidden_size"] = 48
+    other["student"]["deepspeed"]["gradient_accumulation_steps"] = 1
+    other["distill"]["beta"] = 0.9
+    with pytest.raises(ConfigError, match=r"checkpoint \S+step-2 was written by another run: "
+                                          r"student.model.config.hidden_size was 32, now 48; "
+                                          r"student.deepspeed.gradient_accumulation_steps was 2, now 1\. Resume"):
+        build_trainer(load_config(raw=other), resume=True)
     raw = preset(whole, max_steps=4, export={"enabled": True}, eval={"every": 2, "num_samples": 4},
                  logging={"progress_bar": False, "wandb": {"enabled": True, "mode": "offline", "project": "t"}})
     raw["data"]["eval"] = {"builtin": "arithmetic", "split": "eval", "num_examples": 4}

@@ -6,6 +6,7 @@ would be valid, before any model or process group is touched.
 import dataclasses
 import importlib.util
 import json
+import os
 import typing
 from typing import Any, Literal, Optional, Union
 
@@ -14,6 +15,13 @@ from .schema import DATA_COLUMNS, RunConfig
 
 class ConfigError(ValueError):
     """An invalid preset or override; the message names key, value and what is valid."""
+
+
+def missing_local_path(name: str) -> bool:
+    """Whether a model or tokenizer ``name_or_path`` can only mean a local directory, and there is
+    none: it starts with ``.``, ``/`` or ``~``, or has more than one ``/`` (a hub id is ``org/name``)."""
+    path = os.path.expanduser(name)
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1) and not os.path.isdir(path)
 
 
 def _fail(key: str, value: Any, valid: str):
@@ -299,6 +307,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                 _fail(f"{name}.columns.{ours}", theirs, "expected the name of one of the dataset's columns")
     _positive_int(d.num_proc, "data.num_proc")
     _positive_int(cfg.timeout_s, "timeout_s")
+    _positive_int(cfg.max_consecutive_skips, "max_consecutive_skips")
     _positive_int(d.max_prompt_length, "data.max_prompt_length")
     _positive_int(d.max_completion_length, "data.max_completion_length")
 

@@ -296,6 +296,9 @@ class RunConfig:
     """Seconds a collective waits for the other ranks before the run stops (exit code 3): a rank that
     died or hangs ends the job within this. Raise it if one rank alone works longer between
     collectives (a very large export)."""
+    max_consecutive_skips: int = 3
+    """Optimizer steps skipped in a row for NaN/inf values (in the loss, the teacher's outputs or the
+    gradient norm) after which the run stops (exit code 4); 1 stops at the first."""
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)

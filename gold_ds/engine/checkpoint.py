@@ -86,6 +86,11 @@ def load_checkpoint(engine, root: str, tag: str) -> dict:
         raise RuntimeError(f"checkpoint {os.path.join(root, tag)} has no RNG state for rank {dist.get_rank()}: "
                            "it was written with a different number of ranks; resume with the same world size")
     _set_rng_state(torch.load(rng, weights_only=False))
+    return trainer_state(root, tag)
+
+
+def trainer_state(root: str, tag: str) -> dict:
+    """The trainer's state saved with checkpoint ``tag`` (read alone, before any engine exists)."""
     return torch.load(os.path.join(root, tag, "trainer.pt"), weights_only=False)
 
 

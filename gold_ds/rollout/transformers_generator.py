@@ -56,8 +56,11 @@ class TransformersGenerator(Rollout):
         if not prompts:
             raise ValueError("generate needs at least one prompt on every rank (ZeRO-3 forward passes are collective)")
         prompts = [p for p in prompts for _ in range(num_generations)]
+        # remove_invalid_values: NaN/inf logits (weights gone bad) sample instead of crashing every rank;
+        # the loss of such samples is NaN, which the trainer's non-finite guard skips and reports
         kwargs = dict(max_new_tokens=max_new_tokens or self.max_new_tokens, pad_token_id=self.pad_id,
-                      eos_token_id=self.eos_id, synced_gpus=dist.is_initialized() and dist.get_world_size() > 1)
+                      eos_token_id=self.eos_id, synced_gpus=dist.is_initialized() and dist.get_world_size() > 1,
+                      remove_invalid_values=True)
         if self.suppress_tokens:
             kwargs.update(suppress_tokens=list(self.suppress_tokens))
         if greedy:

@@ -1,8 +1,8 @@
 """Building a run's parts, in order, on every rank: ``build_trainer(cfg, resume).train()``.
 
 1. the micro-step assembler (tokenizers or processors, and the start-up checks that need them:
-   ``ConfigError`` before any process group exists), and a LoRA student's adapter checked on the
-   model's meta-device skeleton;
+   ``ConfigError`` before any process group exists), the models' paths or hub ids, and a LoRA
+   student's adapter checked on the model's meta-device skeleton;
 2. the process group, world-size checks, seeds;
 3. the data: each node's first rank encodes it with the student's side into the cache (or finds
    it there), the others wait, every rank memory-maps it (``gold_ds.data.cache``); the per-rank
@@ -13,6 +13,7 @@
 7. with ``resume``: the latest checkpoint's engine, optimizer, RNG and trainer state.
 """
 import functools
+import json
 import os
 import random
 import threading
@@ -24,14 +25,14 @@ import torch.distributed as dist
 from ..config import ConfigError, validate_world
 from ..data import BadRowError, RankSampler, build_assembler
 from ..data.cache import encode_cached, open_cached
-from ..engine.checkpoint import latest_checkpoint, load_checkpoint
+from ..engine.checkpoint import latest_checkpoint, load_checkpoint, trainer_state
 from ..engine.lora import check_lora
-from ..engine.models import build_inference_engine, build_training_engine
+from ..engine.models import build_inference_engine, build_training_engine, check_model_source
 from ..rollout.factory import build_rollout, transformers_generator
 from .collective import init_distributed
 from .evaluate import Evaluator
 from .logging import MetricsLogger
-from .loop import Trainer
+from .loop import Trainer, run_identity
 from .objective import build_objective
 from .teacher_sft import teacher_sft
 
@@ -82,6 +83,29 @@ def _load_data(cfg, side, split: str, device, say):
     return open_cached(mine["path"], side, where).check(cfg.data.on_bad_row)
 
 
+def _differences(key: str, was, now) -> list:
+    """(dotted key, was, now) of each leaf where two JSON values differ."""
+    if isinstance(was, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(was) | set(now)) for d in _differences(f"{key}.{k}", was.get(k), now.get(k))]
+    return [] if json.dumps(was, sort_keys=True) == json.dumps(now, sort_keys=True) else [(key, was, now)]
+
+
+def _check_same_run(saved, now: dict, where: str) -> None:
+    """``ConfigError`` when the checkpoint was written by a run of another model or configuration
+    (``saved``: its ``run_identity``; None for checkpoints that predate it)."""
+    if saved is None:
+        return
+    differ = [d for k in now for d in _differences(k, saved.get(k), now[k])]
+    if differ:
+        def short(v):
+            text = json.dumps(v, sort_keys=True)
+            return text if len(text) <= 80 else text[:77] + "..."
+        raise ConfigError(f"--resume: the checkpoint {where} was written by another run: "
+                          + "; ".join(f"{k} was {short(a)}, now {short(b)}" for k, a, b in differ[:6])
+                          + (f" (and {len(differ) - 6} more)" if len(differ) > 6 else "")
+                          + ". Resume with the settings it was written with, or start a new run in another output_dir")
+
+
 class _Phases:
     """Seconds per start-up phase, for one ``[gold_ds] start-up`` line."""
 
@@ -101,6 +125,8 @@ def build_trainer(cfg, resume: bool = False) -> Trainer:
     t_start = time.perf_counter()
     phases = _Phases()
     assembler = build_assembler(cfg)
+    check_model_source(cfg.student.model, "student.model")
+    check_model_source(cfg.teacher.model, "teacher.model")
     if cfg.student.lora is not None:
         check_lora(cfg.student.model, cfg.student.lora)
     phases.done("tokenizers")
@@ -114,6 +140,9 @@ def build_trainer(cfg, resume: bool = False) -> Trainer:
     if resume and resume_tag is None:
         raise ConfigError(f"--resume: no complete checkpoint in {ckpt_root} (output_dir={cfg.output_dir!r}); "
                           "start without --resume, or point output_dir at the run to continue")
+    if resume_tag is not None:
+        _check_same_run(trainer_state(ckpt_root, resume_tag).get("run"), run_identity(cfg, world),
+                        os.path.join(ckpt_root, resume_tag))
 
     phases.done("process group")
     say = functools.partial(print, flush=True) if rank == 0 else (lambda text: None)

@@ -4,7 +4,7 @@ metrics file and Weights & Biases).
 Only rank 0 constructs a ``MetricsLogger`` with ``enabled=True``; on other ranks every call is a no-op.
 
 Metric names: plain for the step's headline figures (``loss``, ``tokens``, ``tokens_per_s``,
-``on_policy_share``, ``lr``), ``<group>/<name>`` for the rest: ``loss/on_policy``,
+``on_policy_share``, ``lr``, ``skipped_steps``), ``<group>/<name>`` for the rest: ``loss/on_policy``,
 ``loss/off_policy``, ``time/<phase>``, ``align/...``, ``data/...``, ``eval/...``.
 """
 import json
@@ -15,12 +15,14 @@ from .collective import global_max, global_sum
 PHASES = ("rollout", "teacher", "student", "optimizer")
 
 
-def step_metrics(*, flags, tokens, losses, counters, seconds, rollout, lr, step_seconds, device) -> dict:
+def step_metrics(*, flags, tokens, losses, counters, seconds, rollout, lr, skipped_steps, step_seconds,
+                 device) -> dict:
     """The record of one optimizer step. Called by every rank (sums and maxima over ranks).
 
     ``flags``: on-policy per micro-step; ``tokens``: completion tokens per micro-step, all ranks;
     ``losses``: this rank's summed loss per micro-step; ``counters``: this rank's micro batch counters
-    summed over the window; ``seconds``: this rank's time per phase; ``rollout``: the rollout's metrics.
+    summed over the window; ``seconds``: this rank's time per phase; ``rollout``: the rollout's metrics;
+    ``skipped_steps``: optimizer steps skipped so far for NaN/inf values (``gold_ds.trainer.stop``).
     Losses are per completion token (the window's normalization); times are the slowest rank's."""
     total = sum(tokens)
     on_tok = sum(t for t, on in zip(tokens, flags) if on)
@@ -37,6 +39,7 @@ def step_metrics(*, flags, tokens, losses, counters, seconds, rollout, lr, step_
         "tokens_per_s": total / step_seconds,
         "on_policy_share": sum(flags) / len(flags),
         "lr": lr,
+        "skipped_steps": skipped_steps,
         **{f"time/{k}": t for k, t in zip(PHASES, times)},
         "time/step": step_seconds,
         **rollout,
@@ -52,6 +55,7 @@ class MetricsLogger:
     def __init__(self, cfg, enabled: bool, resumed: bool = False):
         self.enabled, self.cfg = enabled, cfg
         self.bar = self.wandb_run = self.jsonl = None
+        self._wandb_from = 0
         if not enabled:
             return
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -71,6 +75,10 @@ class MetricsLogger:
                                         config=config_to_dict(cfg), id=run_id, resume="allow" if run_id else None)
             with open(id_file, "w") as f:
                 f.write(self.wandb_run.id)
+            # a resumed W&B run holds the steps logged before the interruption, including those the
+            # resumed run redoes after its checkpoint (with the same values: resume is exact); W&B
+            # refuses steps below its own, so they are not sent again
+            self._wandb_from = self.wandb_run.step if run_id else 0
 
     def drop_records_after(self, step: int) -> None:
         """On resume: drop the distillation records after ``step`` (the checkpoint's), which the
@@ -108,7 +116,7 @@ class MetricsLogger:
         head = {"stage": stage, "stage_step": step} if stage else {"step": step}
         self.jsonl.write(json.dumps({**head, **metrics}) + "\n")
         self.jsonl.flush()
-        if self.wandb_run is not None and stage is None:
+        if self.wandb_run is not None and stage is None and step >= self._wandb_from:
             self.wandb_run.log(metrics, step=step)
 
     def progress(self, metrics: dict) -> None:
@@ -123,7 +131,7 @@ class MetricsLogger:
             return
         self.jsonl.write(json.dumps({"step": step, name: [dict(zip(columns, r)) for r in rows]}) + "\n")
         self.jsonl.flush()
-        if self.wandb_run is not None:
+        if self.wandb_run is not None and step >= self._wandb_from:
             import wandb
             self.wandb_run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
 

@@ -7,8 +7,8 @@ One optimizer step (a *window* of GA micro-steps), on every rank (``Trainer.trai
      (with ``seq_kd``: completions sampled from the teacher);
   3. rollout: all on-policy prompts of the window are generated in one call (``gold_ds.rollout``);
   4. per micro-step: assemble its tensors (``gold_ds.data.assembler``), teacher forward (no grad),
-     student forward, loss (``objective.py``), backward;
-     (a NaN/inf loss on any rank stops every rank before its backward: ``gold_ds.trainer.stop``);
+     student forward, loss (``objective.py``), backward (a NaN/inf loss or teacher output on any
+     rank makes the window's update skipped: ``gold_ds.trainer.stop.NonFiniteGuard``);
   5. ``engine.step()`` (DeepSpeed steps the optimizer at the window's end), metrics, eval, checkpoint;
      then every rank agrees whether to stop (a signal, the launcher gone) and, if so, checkpoints.
 
@@ -22,7 +22,9 @@ The parts are built by ``gold_ds.trainer.build.build_trainer``.
 """
 import collections
 import contextlib
+import dataclasses
 import functools
+import json
 import math
 import os
 import time
@@ -36,7 +38,22 @@ from ..engine.lora import export_lora
 from ..engine.weights import gathered_weight_buckets
 from .collective import global_sum
 from .logging import step_metrics
-from .stop import Preempted, StopRequests, check_finite
+from .stop import NonFiniteGuard, Preempted, StopRequests, rank_processes
+
+
+def run_identity(cfg, world: int) -> dict:
+    """What a checkpoint must share with the run that resumes it, by config key (the rest, such as
+    ``max_steps``, the learning rate or evaluation, may change between sessions)."""
+    ds = cfg.student.deepspeed
+
+    def plain(section):
+        return json.loads(json.dumps(dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section))
+    return {"student.model": plain(cfg.student.model), "student.lora": plain(cfg.student.lora),
+            "teacher.model": plain(cfg.teacher.model), "teacher.sft.max_steps": cfg.teacher.sft.max_steps,
+            "data.train": plain(cfg.data.train), "distill.loss": cfg.distill.loss, "the number of ranks": world,
+            "student.deepspeed.train_micro_batch_size_per_gpu": ds["train_micro_batch_size_per_gpu"],
+            "student.deepspeed.gradient_accumulation_steps": ds["gradient_accumulation_steps"],
+            "student.deepspeed.optimizer.type": ds.get("optimizer", {}).get("type")}
 
 
 class PhaseTimer:
@@ -70,13 +87,19 @@ class Trainer:
         self.micro_batch_size, self.ga = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
         self.step, self.results, self.wall, self._t_start = 0, {}, 0.0, t_start
+        self.identity, self.processes = run_identity(cfg, self.world), rank_processes()
+        self.guard = NonFiniteGuard(cfg.max_consecutive_skips, self.device,
+                                    loss_scaling=bool(ds.get("fp16", {}).get("enabled")))
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.results, self.wall = state["step"], state["results"], state["wall"]
         self.sampler.load_state_dict(state["sampler"])
+        if "guard" in state:  # checkpoints written before the guard have none
+            self.guard.load_state_dict(state["guard"])
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "results": self.results, "wall": self.wall, "sampler": self.sampler.state_dict()}
+        return {"step": self.step, "results": self.results, "wall": self.wall, "sampler": self.sampler.state_dict(),
+                "guard": self.guard.state_dict(), "run": self.identity}
 
     # ------------------------------------------------------------------------------------ one step
     def train_step(self) -> dict:
@@ -95,7 +118,8 @@ class Trainer:
                 targets = self.objective.teacher_targets(micro_batch)
             with timer("student"):
                 loss, share = self.objective.loss(micro_batch, targets)
-                check_finite(share, self.device, self.step + 1, m + 1)  # never train on a NaN
+                if self.guard.check(self.step + 1, m + 1, share, targets):  # never train on garbage:
+                    loss = loss * math.nan  # the window's gradient norm is NaN, DeepSpeed skips its update
                 self.student.backward(loss * (self.world / sum(tokens)), scale_wrt_gas=False)
             with timer("optimizer"):
                 self.student.step()
@@ -103,8 +127,11 @@ class Trainer:
             counters.update(micro_batch.counters)
             del micro_batch, targets, loss  # this micro-step's tensors (pixels) go before the next is assembled
         self.step += 1
+        skipped = self.guard.window_end(self.step, self.student.was_step_applied())
+        if skipped:
+            self.log.info(f"[gold_ds] {skipped}")
         return step_metrics(flags=flags, tokens=tokens, losses=losses, counters=counters, seconds=timer.seconds,
-                            rollout=rollout_metrics, lr=self.student.get_lr()[0],
+                            rollout=rollout_metrics, lr=self.student.get_lr()[0], skipped_steps=self.guard.skipped,
                             step_seconds=self._now() - t_step, device=self.device)
 
     def _draw_policy(self, step: int) -> list:

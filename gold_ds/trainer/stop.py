@@ -9,16 +9,25 @@
   asked, every rank stops after the same step. The trainer then writes a checkpoint and raises
   ``Preempted``; ``launch/train.py`` exits with ``EXIT_PREEMPTED`` and ``--resume`` continues.
 
-``check_finite`` (every micro-step, before backward): a NaN or inf loss on any rank stops every
-rank with ``NonFiniteLoss`` (``EXIT_NON_FINITE``), so no update is ever made from it.
+``NonFiniteGuard`` (never train on garbage): every micro-step, before its backward, one small
+all_reduce tells every rank whether the loss or the teacher's outputs are NaN/inf on any rank; if
+so, that micro-step's loss is made NaN on every rank, so the window's gradient norm is NaN and
+DeepSpeed discards the window's update (ZeRO-3 skips any step whose gradient norm is not finite,
+in every precision, and zeroes the gradients). A gradient norm that is NaN/inf on its own is
+skipped the same way. The guard counts skipped steps (``skipped_steps`` in the metrics) and after
+``max_consecutive_skips`` in a row raises ``NonFiniteLoss`` on every rank (``EXIT_NON_FINITE``),
+naming the step, the micro-step and the value that went bad. In fp16, steps that DeepSpeed's loss
+scaler skips for a gradient overflow (its normal search for a loss scale) are counted but do not
+stop the run.
 
 A collective that fails (a rank died: its peers' connections close; or it stopped answering for
 longer than ``timeout_s``, the process group's timeout) ends the rank with ``EXIT_LOST_RANK`` and
-one line naming the step (``launch/train.py``).
+one line naming the step and the ranks on its host that are gone (``launch/train.py``).
 """
 import math
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -29,6 +38,8 @@ EXIT_LOST_RANK = 3
 """A collective failed: another rank died or stopped answering within ``timeout_s``."""
 EXIT_PREEMPTED = 75
 """Stopped by SIGTERM/SIGINT or the launcher's exit, after a checkpoint: ``--resume`` continues."""
+EXIT_NON_FINITE = 4
+"""``max_consecutive_skips`` optimizer steps in a row were skipped for NaN/inf values."""
 
 RELAY_S = 2.0
 """Signals within this many seconds of the first are the same request (Ctrl-C reaches every process
@@ -38,8 +49,6 @@ _LAUNCHER_MODULES = ("deepspeed.launcher.launch", "deepspeed.launcher.runner", "
                      "torch.distributed.launch")
 
 
-EXIT_NON_FINITE = 4
-"""A loss was NaN or inf on some rank: stopped before its backward (no update from it)."""
 
 
 class Preempted(Exception):
@@ -47,20 +56,73 @@ class Preempted(Exception):
 
 
 class NonFiniteLoss(Exception):
-    """A micro-step's loss was NaN or inf on some rank; raised on every rank before backward."""
+    """Too many steps in a row had NaN/inf values; raised on every rank."""
 
 
-def check_finite(value: float, device, step: int, micro_step: int) -> None:
-    """Collective: raise ``NonFiniteLoss`` on every rank if ``value`` is NaN or inf on any rank."""
-    bad = torch.zeros(dist.get_world_size(), device=device)
-    if not math.isfinite(value):
-        bad[dist.get_rank()] = 1.0
-    dist.all_reduce(bad)
-    if bad.any():
-        ranks = [r for r, b in enumerate(bad.tolist()) if b]
-        raise NonFiniteLoss(f"the loss of step {step}, micro-step {micro_step} is NaN or inf on rank(s) {ranks}; "
-                            "no update was made from it (the last checkpoint is before it): lower the learning "
-                            "rate, check the data and the teacher's outputs, then --resume")
+def _finite(value) -> bool:
+    """Whether a float, or every floating tensor in a (nested) tuple/list, is free of NaN and inf
+    (for a tensor: its sum in fp32 is finite, one cheap pass without a mask of its size)."""
+    if isinstance(value, torch.Tensor):
+        return not value.is_floating_point() or bool(torch.isfinite(value.sum(dtype=torch.float32)))
+    if isinstance(value, (tuple, list)):
+        return all(_finite(v) for v in value)
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+class NonFiniteGuard:
+    """The non-finite policy of the module docstring, on every rank. Per micro-step
+    ``check(...)`` (collective) before backward; per window ``window_end(applied)`` after the
+    optimizer step."""
+
+    VALUES = ("the loss", "the teacher's outputs")
+
+    def __init__(self, max_consecutive: int, device, loss_scaling: bool = False):
+        self.max_consecutive, self.device, self.loss_scaling = max_consecutive, device, loss_scaling
+        self.skipped, self.consecutive, self._first, self._bad = 0, 0, None, None
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped, "consecutive": self.consecutive, "first": self._first}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped, self.consecutive, self._first = state["skipped"], state["consecutive"], state["first"]
+
+    def check(self, step: int, micro_step: int, loss: float, teacher) -> bool:
+        """Collective: whether the loss or the teacher's outputs are NaN/inf on any rank (then the
+        caller makes this micro-step's loss NaN before backward, so the window is not applied)."""
+        world, rank = dist.get_world_size(), dist.get_rank()
+        flags = torch.zeros(len(self.VALUES), world, device=self.device)
+        flags[0, rank] = float(not _finite(loss))
+        flags[1, rank] = float(not _finite(teacher))
+        dist.all_reduce(flags)
+        if not flags.any():
+            return False
+        if self._bad is None:
+            which = " and ".join(v for v, f in zip(self.VALUES, flags.any(dim=1).tolist()) if f)
+            ranks = sorted({r for row in flags.tolist() for r, f in enumerate(row) if f})
+            self._bad = f"{which} of step {step}, micro-step {micro_step} NaN or inf on rank(s) {ranks}"
+        return True
+
+    def window_end(self, step: int, applied: bool) -> str:
+        """After the window's optimizer step: '' if it was applied, else why it was skipped (raises
+        ``NonFiniteLoss`` after ``max_consecutive`` skips in a row)."""
+        bad, self._bad = self._bad, None
+        if applied:
+            self.consecutive, self._first = 0, None
+            return ""
+        self.skipped += 1
+        if bad is None and self.loss_scaling:  # DeepSpeed's fp16 loss scaler lowered its scale
+            return f"step {step}: gradient overflow in fp16, the loss scaler skipped the update"
+        why = bad or f"the gradient norm of step {step} NaN or inf"
+        self.consecutive += 1
+        self._first = self._first or why
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteLoss(
+                f"{self.consecutive} optimizer steps in a row skipped for NaN/inf values (max_consecutive_skips="
+                f"{self.max_consecutive}), the first with {self._first}, the last with {why}; no update was made "
+                "from them: lower the learning rate, check the data and the teacher, then --resume from a "
+                "checkpoint before the first")
+        return f"step {step}: update skipped ({why}); {self.consecutive} in a row of max_consecutive_skips=" \
+               f"{self.max_consecutive}"
 
 
 def _argv(pid: int) -> list:
@@ -152,6 +214,20 @@ class StopRequests:
         if flag.item() == 0.0:
             return ""
         return self.reason or "another rank was asked to stop"
+
+
+def rank_processes() -> list:
+    """Collective: (host, pid) of every rank, by rank, so that a rank which loses its peers can say
+    which of them are gone (``lost_ranks``)."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, (socket.gethostname(), os.getpid()))
+    return out
+
+
+def lost_ranks(processes: list) -> list:
+    """The ranks on this host whose process is gone (ranks on other hosts cannot be seen from here)."""
+    host = socket.gethostname()
+    return [r for r, (h, pid) in enumerate(processes) if h == host and not _alive(pid)]
 
 
 def is_collective_failure(e: BaseException) -> bool:
