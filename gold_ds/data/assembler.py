@@ -71,15 +71,15 @@ def _check_shared_vocabulary(student, teacher) -> None:
 def build_assembler(cfg):
     """The run's assembler (``cfg``: the ``RunConfig``); needs no process group. Raises
     ``ConfigError`` for a pair that cannot be distilled with the configured loss."""
-    from .tokenizer import load_tokenizer
+    from .tokenizer import load_tokenizer, tokenizer_key
     s_cfg, t_cfg = cfg.student.model, cfg.teacher.model
     if s_cfg.processor:
         from .vlm import vlm_sides
         student, teacher = vlm_sides(cfg)
     else:
         from .render import TextSide
-        student = TextSide(load_tokenizer(s_cfg, "student.model"), "student.model.tokenizer")
-        teacher = TextSide(load_tokenizer(t_cfg, "teacher.model"), "teacher.model.tokenizer")
+        student = TextSide(load_tokenizer(s_cfg, "student.model"), tokenizer_key(s_cfg, "student.model"))
+        teacher = TextSide(load_tokenizer(t_cfg, "teacher.model"), tokenizer_key(t_cfg, "teacher.model"))
     if not cfg.distill.cross_tokenizer:
         _check_shared_vocabulary(student, teacher)
         return SharedAssembler(student, teacher)

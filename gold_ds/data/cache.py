@@ -28,7 +28,7 @@ import shutil
 import socket
 import time
 
-from .dataset import EncodedDataset, encode_table, open_source, source_files
+from .dataset import BadRowError, EncodedDataset, encode_table, open_source, source_files
 
 MARKER = "gold_ds_cache.json"
 _CODE = ("dataset.py", "render.py", "vlm.py", "cache.py", "builtin.py", "tasks.py", "vlm_tasks.py")
@@ -108,8 +108,13 @@ def encode_cached(side, source, data_cfg, cache_root: str, split: str, where: st
     work = os.path.join(partial, "work")
     os.makedirs(work)
     try:
-        table, info = encode_table(side, raw, data_cfg.max_prompt_length, data_cfg.max_completion_length,
-                                   data_cfg.num_proc, work_dir=work, desc=f"[gold_ds] encoding {where}")
+        try:
+            table, info = encode_table(side, raw, data_cfg.max_prompt_length, data_cfg.max_completion_length,
+                                       data_cfg.num_proc, work_dir=work, desc=f"[gold_ds] encoding {where}")
+        except BadRowError as e:  # a row of no known format: name the source
+            raise BadRowError(f"{where}: {e}") from None
+        if len(table) == 0:  # nothing to cache (an empty table cannot be memory-mapped): say why
+            EncodedDataset(table, info, side, where).check(data_cfg.on_bad_row)
         table.save_to_disk(os.path.join(partial, "table"))
         del table
         shutil.rmtree(work)

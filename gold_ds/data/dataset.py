@@ -32,7 +32,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from ..config import ConfigError
+from ..config import ConfigError, missing_local_path
 from ..config.schema import DATA_COLUMNS as COLUMNS
 PROMPT_IDS, COMPLETION_IDS = "gold_ds_prompt_ids", "gold_ds_completion_ids"
 _REASON, _DETAIL, _TRUNCATED = "gold_ds_bad_reason", "gold_ds_bad_detail", "gold_ds_truncated"
@@ -96,7 +96,7 @@ def source_files(source, where: str) -> Optional[list]:
         if any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_info.json", "state.json")):
             raise ConfigError(f"config key '{where}.path': {path!r} is a dataset saved with save_to_disk; "
                               "export it with to_json or to_parquet and point the key at those files")
-    elif os.path.splitext(path)[1].lower() in _FILE_KINDS:
+    elif os.path.splitext(path)[1].lower() in _FILE_KINDS or missing_local_path(path):
         raise ConfigError(f"config key '{where}.path': the dataset file {path!r} does not exist")
     else:
         return None  # a hub dataset id
@@ -124,12 +124,16 @@ def open_source(source, where: str = "data.train"):
                 raise ConfigError(f"config key '{where}.revision': got {source.revision!r}, but {source.path!r} is "
                                   "local data; a revision names a commit of a hub dataset")
             kind = _FILE_KINDS[os.path.splitext(files[0])[1].lower()]
+            if all(os.path.getsize(f) == 0 for f in files):
+                raise ConfigError(f"config key '{where}.path': {source.path!r} is empty: no rows to train on")
             try:  # a directory: datasets picks the split's files by name (train-*, test.jsonl, ...)
                 ds = (datasets.load_dataset(source.path, source.name, split=source.split) if os.path.isdir(source.path)
                       else datasets.load_dataset(kind, data_files=files, split="train"))
+                ds.data.table.validate(full=True)  # e.g. strings that are not UTF-8 (read as they are)
             except Exception as e:  # noqa: BLE001 - a malformed file: name it and keep the cause
-                raise ConfigError(f"config key '{where}.path': cannot read {source.path!r} as {kind}: "
-                                  f"{type(e).__name__}: {_cause(e)}") from e
+                inner = _reason(e)
+                raise ConfigError(f"config key '{where}.path': cannot read {source.path!r} as {kind} "
+                                  f"(one JSON object per line, UTF-8): {type(inner).__name__}: {_cause(inner)}") from e
         else:
             try:
                 ds = datasets.load_dataset(source.path, source.name, split=source.split, revision=source.revision)
@@ -142,6 +146,14 @@ def open_source(source, where: str = "data.train"):
     if source.num_examples is not None and source.builtin is None:
         ds = ds.select(range(min(source.num_examples, len(ds))))
     return ds
+
+
+def _reason(e: BaseException) -> BaseException:
+    """The first error of a chain that is not one of ``datasets``' wrappers (the reader's own)."""
+    chain = [e]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    return next((c for c in chain if not type(c).__module__.startswith("datasets")), e)
 
 
 def _cause(e: Exception) -> str:
@@ -202,7 +214,8 @@ def to_example(row: dict) -> Union[Example, str]:
         return _checked(Example(_clean(prompt) + completion[:-1], _text(completion[-1].get("content")), answer,
                                 images))
     raise ValueError(f"row has prompt of type {type(prompt).__name__} and completion of type "
-                     f"{type(completion).__name__}: both must be strings or both message lists")
+                     f"{type(completion).__name__}: both must be strings or both message lists, in every row "
+                     "(a file that mixes the two is read column by column, and its values may change type)")
 
 
 def _text(content) -> str:
