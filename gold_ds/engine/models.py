@@ -5,6 +5,7 @@ called by every rank (construction under ZeRO-3 and consolidation are collective
 """
 import contextlib
 import copy
+import os
 import sys
 import types
 
@@ -47,6 +48,34 @@ def _zero3_construction(ds_config: dict):
 def _auto_class(model_cfg):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     return AutoModelForImageTextToText if getattr(model_cfg, "processor", None) else AutoModelForCausalLM
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def check_model_source(model_cfg, key: str) -> None:
+    """``ConfigError`` naming ``<key>.name_or_path`` unless it is a local directory with a config and
+    weights, or a hub id whose config loads (checked at start, before anything is built)."""
+    name = model_cfg.name_or_path
+    if name is None:
+        return
+    from transformers import AutoConfig
+    from ..config import ConfigError, missing_local_path
+    if missing_local_path(name):
+        raise ConfigError(f"config key '{key}.name_or_path': cannot load a model from {name!r} (no such directory); "
+                          "give a local directory with config.json and weights, or a hub id")
+    try:
+        AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - not found, no config.json, offline: name the key
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        what = f"{type(e).__name__}: {first[:200]}"
+        raise ConfigError(f"config key '{key}.name_or_path': cannot load a model from {name!r} ({what}); give a "
+                          "local directory with config.json and weights, or a hub id") from e
+    local = os.path.isdir(os.path.expanduser(name))
+    if local and not any(os.path.exists(os.path.join(os.path.expanduser(name), f)) for f in _WEIGHT_FILES):
+        raise ConfigError(f"config key '{key}.name_or_path': the directory {name!r} has a config but no weights "
+                          f"(one of {', '.join(_WEIGHT_FILES)})")
 
 
 def model_skeleton(model_cfg):
