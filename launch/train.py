@@ -51,13 +51,13 @@ def main(argv=None) -> int:
         trainer = build_trainer(cfg, resume=args.resume)
     except (ConfigError, BadRowError) as e:
         return _config_error(e)
-    from gold_ds.trainer.stop import (EXIT_LOST_RANK, EXIT_NON_FINITE, EXIT_PREEMPTED, NonFiniteLoss, Preempted,
+    from gold_ds.trainer.stop import (EXIT_LOST_RANK, EXIT_NON_FINITE, EXIT_PREEMPTED, NonFiniteValues, Preempted,
                                       is_collective_failure, lost_ranks)
     try:
         trainer.train()
     except Preempted:
         return EXIT_PREEMPTED  # every rank stopped after the same step, with a checkpoint
-    except NonFiniteLoss as e:  # found by every rank together: one message
+    except NonFiniteValues as e:  # found by every rank together: one message
         if os.environ.get("RANK", "0") == "0":
             print(f"gold_ds: {e}", file=sys.stderr, flush=True)
         return EXIT_NON_FINITE

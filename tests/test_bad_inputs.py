@@ -50,7 +50,7 @@ def _later_cases(cases):
     from gold_ds.config import ConfigError, load_config
     from gold_ds.data import BadRowError
     from gold_ds.trainer import build_trainer
-    from gold_ds.trainer.stop import NonFiniteLoss
+    from gold_ds.trainer.stop import NonFiniteValues
     failures = []
     for name, preset, args, code, says, trained_first in cases:
         resume, overrides = "--resume" in args, [a for a in args if a != "--resume"]
@@ -63,7 +63,7 @@ def _later_cases(cases):
             message = trainer.train_data.report()  # nothing was refused
         except (ConfigError, BadRowError) as e:
             message = f"exit 2: {e}"
-        except NonFiniteLoss as e:
+        except NonFiniteValues as e:
             message = f"exit 4: {e}"
         want = "" if code == 0 else f"exit {code}: "
         if not (message.startswith(want) and all(s in message for s in says)):

@@ -266,8 +266,9 @@ def test_source_keys_and_their_errors(tmp_path, monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no network here: fail at once, not after retries
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(ConfigError, match=r"'data.train.path': cannot load the hub dataset 'no-such-org/no-such-set' "
-                                          r"\(split='train', revision='nope'; keys data.train.name/.split/.revision\)"):
+    with pytest.raises(ConfigError, match=r"'data.train.path': 'no-such-org/no-such-set' is no local file or directory, "
+                                          r"and cannot be loaded as a hub dataset \(split='train', revision='nope'; "
+                                          r"keys data.train.name/.split/.revision\)"):
         open_source(DatasetSource(path="no-such-org/no-such-set", revision="nope"))
     for data, message in [({"train": {"path": "a.jsonl", "columns": {"question": "q"}}}, "'question' is not a column"),
                           ({"train": {"builtin": "arithmetic", "revision": "x"}}, "builtin task has no revision"),

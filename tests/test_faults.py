@@ -169,7 +169,7 @@ def _non_finite(tmp):
     import torch.distributed as dist
     from gold_ds.config import load_config
     from gold_ds.trainer import build_trainer
-    from gold_ds.trainer.stop import NonFiniteLoss
+    from gold_ds.trainer.stop import NonFiniteValues
     tr = build_trainer(load_config(raw=tiny_raw(os.path.join(tmp, "run"), max_steps=8, max_consecutive_skips=2,
                                                 distill={"beta": 0.5, "lmbda": 0.0})))
     rank, plan = dist.get_rank(), {}  # (step, micro-step) -> what goes bad
@@ -199,7 +199,7 @@ def _non_finite(tmp):
         skipped.append(tr.train_step()["skipped_steps"])
         weights.append(tr.student._zero3_consolidated_16bit_state_dict())
     micro["m"] = 0
-    with pytest.raises(NonFiniteLoss) as stop:
+    with pytest.raises(NonFiniteValues) as stop:
         tr.train_step()
     assert skipped == [0, 1, 1, 2], skipped
     message = str(stop.value)

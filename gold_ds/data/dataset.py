@@ -140,8 +140,9 @@ def open_source(source, where: str = "data.train"):
             except Exception as e:  # noqa: BLE001 - not found, offline, a bad name/split/revision
                 what = ", ".join(f"{k}={v!r}" for k, v in (("name", source.name), ("split", source.split),
                                                             ("revision", source.revision)) if v is not None)
-                raise ConfigError(f"config key '{where}.path': cannot load the hub dataset {source.path!r} ({what}; "
-                                  f"keys {where}.name/.split/.revision): {type(e).__name__}: {_cause(e)}") from e
+                raise ConfigError(f"config key '{where}.path': {source.path!r} is no local file or directory, and "
+                                  f"cannot be loaded as a hub dataset ({what}; keys {where}.name/.split/.revision): "
+                                  f"{type(e).__name__}: {_cause(e)}") from e
     ds = _map_columns(ds, source.columns or {}, where)
     if source.num_examples is not None and source.builtin is None:
         ds = ds.select(range(min(source.num_examples, len(ds))))

@@ -15,7 +15,7 @@ so, that micro-step's loss is made NaN on every rank, so the window's gradient n
 DeepSpeed discards the window's update (ZeRO-3 skips any step whose gradient norm is not finite,
 in every precision, and zeroes the gradients). A gradient norm that is NaN/inf on its own is
 skipped the same way. The guard counts skipped steps (``skipped_steps`` in the metrics) and after
-``max_consecutive_skips`` in a row raises ``NonFiniteLoss`` on every rank (``EXIT_NON_FINITE``),
+``max_consecutive_skips`` in a row raises ``NonFiniteValues`` on every rank (``EXIT_NON_FINITE``),
 naming the step, the micro-step and the value that went bad. In fp16, steps that DeepSpeed's loss
 scaler skips for a gradient overflow (its normal search for a loss scale) are counted but do not
 stop the run.
@@ -55,7 +55,7 @@ class Preempted(Exception):
     """Every rank stopped after a step and wrote a checkpoint."""
 
 
-class NonFiniteLoss(Exception):
+class NonFiniteValues(Exception):
     """Too many steps in a row had NaN/inf values; raised on every rank."""
 
 
@@ -104,7 +104,7 @@ class NonFiniteGuard:
 
     def window_end(self, step: int, applied: bool) -> str:
         """After the window's optimizer step: '' if it was applied, else why it was skipped (raises
-        ``NonFiniteLoss`` after ``max_consecutive`` skips in a row)."""
+        ``NonFiniteValues`` after ``max_consecutive`` skips in a row)."""
         bad, self._bad = self._bad, None
         if applied:
             self.consecutive, self._first = 0, None
@@ -116,7 +116,7 @@ class NonFiniteGuard:
         self.consecutive += 1
         self._first = self._first or why
         if self.consecutive >= self.max_consecutive:
-            raise NonFiniteLoss(
+            raise NonFiniteValues(
                 f"{self.consecutive} optimizer steps in a row skipped for NaN/inf values (max_consecutive_skips="
                 f"{self.max_consecutive}), the first with {self._first}, the last with {why}; no update was made "
                 "from them: lower the learning rate, check the data and the teacher, then --resume from a "
