@@ -45,16 +45,16 @@ def main(argv=None) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
     import torch.distributed as dist
-    from gold_ds.trainer import build_trainer
     from gold_ds.data import BadRowError
-    try:  # start-up checks that need the tokenizers, processors, the data or the world size
-        trainer = build_trainer(cfg, resume=args.resume)
-    except (ConfigError, BadRowError) as e:
-        return _config_error(e)
+    from gold_ds.trainer import build_trainer
     from gold_ds.trainer.stop import (EXIT_LOST_RANK, EXIT_NON_FINITE, EXIT_PREEMPTED, NonFiniteValues, Preempted,
                                       is_collective_failure, lost_ranks)
+    trainer = None
     try:
+        trainer = build_trainer(cfg, resume=args.resume)  # checks that need tokenizers, data, the world size
         trainer.train()
+    except (ConfigError, BadRowError) as e:
+        return _config_error(e)
     except Preempted:
         return EXIT_PREEMPTED  # every rank stopped after the same step, with a checkpoint
     except NonFiniteValues as e:  # found by every rank together: one message
@@ -65,11 +65,12 @@ def main(argv=None) -> int:
         if not is_collective_failure(e):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        gone = lost_ranks(trainer.processes)
+        gone = lost_ranks()
         who = (f"rank(s) {gone} exited" if gone else
                f"a rank on another node died, or one did not answer within timeout_s={cfg.timeout_s}")
-        print(f"gold_ds: rank {os.environ.get('RANK', '0')}: lost the other ranks during step {trainer.step + 1}: "
-              f"{who} ({type(e).__name__}: {first[:200]}); --resume continues from the last checkpoint",
+        when = f"during step {trainer.step + 1}" if trainer is not None else "while starting"
+        print(f"gold_ds: rank {os.environ.get('RANK', '0')}: lost the other ranks {when}: {who} "
+              f"({type(e).__name__}: {first[:200]}); --resume continues from the last checkpoint",
               file=sys.stderr, flush=True)
         return EXIT_LOST_RANK
     dist.barrier()

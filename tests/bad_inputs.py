@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import REPO, free_port, tiny_raw  # noqa: E402
+from conftest import REPO, ds_section, free_port, tiny_raw  # noqa: E402
 
 TRAIN = os.path.join(REPO, "launch", "train.py")
 
@@ -190,6 +190,10 @@ CASES = [
     Case("lr-1e30", "learning rate 1e30 (weights become inf/NaN)", "run",
          lambda d: Setup(_base(d, max_steps=20), ["student.deepspeed.optimizer.params.lr=1e30"], code=4,
                          says=("optimizer steps in a row skipped",))),
+    Case("sft-lr-1e30", "teacher SFT at learning rate 1e30", "run",
+         lambda d: Setup(_base(d, teacher={**_base(d)["teacher"], "sft": {"max_steps": 20,
+                                                                           "deepspeed": ds_section(2, 1, lr=1e30)}}),
+                         code=4, says=("teacher SFT: 3 optimizer steps in a row skipped",))),
 ]
 
 

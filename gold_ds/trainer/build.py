@@ -34,6 +34,7 @@ from .evaluate import Evaluator
 from .logging import MetricsLogger
 from .loop import Trainer, run_identity
 from .objective import build_objective
+from .stop import note_rank_processes
 from .teacher_sft import teacher_sft
 
 
@@ -132,6 +133,7 @@ def build_trainer(cfg, resume: bool = False) -> Trainer:
     phases.done("tokenizers")
     accelerator = init_distributed(cfg.timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
+    note_rank_processes()
     validate_world(cfg, world)
     random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)

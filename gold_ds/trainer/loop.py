@@ -38,7 +38,7 @@ from ..engine.lora import export_lora
 from ..engine.weights import gathered_weight_buckets
 from .collective import global_sum
 from .logging import step_metrics
-from .stop import NonFiniteGuard, Preempted, StopRequests, rank_processes
+from .stop import NonFiniteGuard, Preempted, StopRequests
 
 
 def run_identity(cfg, world: int) -> dict:
@@ -87,7 +87,7 @@ class Trainer:
         self.micro_batch_size, self.ga = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
         self.step, self.results, self.wall, self._t_start = 0, {}, 0.0, t_start
-        self.identity, self.processes = run_identity(cfg, self.world), rank_processes()
+        self.identity = run_identity(cfg, self.world)
         self.guard = NonFiniteGuard(cfg.max_consecutive_skips, self.device,
                                     loss_scaling=bool(ds.get("fp16", {}).get("enabled")))
 

@@ -76,8 +76,8 @@ class NonFiniteGuard:
 
     VALUES = ("the loss", "the teacher's outputs")
 
-    def __init__(self, max_consecutive: int, device, loss_scaling: bool = False):
-        self.max_consecutive, self.device, self.loss_scaling = max_consecutive, device, loss_scaling
+    def __init__(self, max_consecutive: int, device, loss_scaling: bool = False, stage: str = ""):
+        self.max_consecutive, self.device, self.loss_scaling, self.stage = max_consecutive, device, loss_scaling, stage
         self.skipped, self.consecutive, self._first, self._bad = 0, 0, None, None
 
     def state_dict(self) -> dict:
@@ -116,13 +116,15 @@ class NonFiniteGuard:
         self.consecutive += 1
         self._first = self._first or why
         if self.consecutive >= self.max_consecutive:
+            then = ("start again (the stage writes no checkpoints)" if self.stage else
+                    "--resume from a checkpoint before the first")
             raise NonFiniteValues(
-                f"{self.consecutive} optimizer steps in a row skipped for NaN/inf values (max_consecutive_skips="
-                f"{self.max_consecutive}), the first with {self._first}, the last with {why}; no update was made "
-                "from them: lower the learning rate, check the data and the teacher, then --resume from a "
-                "checkpoint before the first")
-        return f"step {step}: update skipped ({why}); {self.consecutive} in a row of max_consecutive_skips=" \
-               f"{self.max_consecutive}"
+                f"{self.stage + ': ' if self.stage else ''}{self.consecutive} optimizer steps in a row skipped for "
+                f"NaN/inf values (max_consecutive_skips={self.max_consecutive}), the first with {self._first}, the "
+                f"last with {why}; no update was made from them: lower the learning rate, check the data and the "
+                f"teacher, then {then}")
+        return f"{self.stage + ' ' if self.stage else ''}step {step}: update skipped ({why}); {self.consecutive} " \
+               f"in a row of max_consecutive_skips={self.max_consecutive}"
 
 
 def _argv(pid: int) -> list:
@@ -216,18 +218,21 @@ class StopRequests:
         return self.reason or "another rank was asked to stop"
 
 
-def rank_processes() -> list:
-    """Collective: (host, pid) of every rank, by rank, so that a rank which loses its peers can say
-    which of them are gone (``lost_ranks``)."""
+_PROCESSES = []
+
+
+def note_rank_processes() -> None:
+    """Collective, once after the process group exists: (host, pid) of every rank, kept so that a
+    rank which loses its peers can say which of them are gone (``lost_ranks``)."""
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, (socket.gethostname(), os.getpid()))
-    return out
+    _PROCESSES[:] = out
 
 
-def lost_ranks(processes: list) -> list:
+def lost_ranks() -> list:
     """The ranks on this host whose process is gone (ranks on other hosts cannot be seen from here)."""
     host = socket.gethostname()
-    return [r for r, (h, pid) in enumerate(processes) if h == host and not _alive(pid)]
+    return [r for r, (h, pid) in enumerate(_PROCESSES) if h == host and not _alive(pid)]
 
 
 def is_collective_failure(e: BaseException) -> bool:
