@@ -131,7 +131,7 @@ class SharedVocabularyObjective:
             tokens = rows.gather(mb.student["input_ids"][:, 1:].to(mask.device)[mask])
             loss = loss - self.w_ce * self.heads.token_logprobs(self.heads.student, s_hidden, s_weight,
                                                                 heads["student_bias"], tokens, 1.0).sum()
-        return loss, float(loss) / self.heads.world
+        return loss, float(loss.detach()) / self.heads.world
 
 
 def _inner_sum(values, start, end):
@@ -246,7 +246,7 @@ class CrossTokenizerObjective:
             src = a.student_rows.to(dev)
             counted = rows.gather(mb.student["loss_mask"].to(dev)[src[:, 0], src[:, 1]])
             loss = loss - self.w_ce * logp[counted].sum()
-        return loss, float(loss) / self.heads.world
+        return loss, float(loss.detach()) / self.heads.world
 
 
 def completion_nll(engine, head, batch, vocab: int):
@@ -265,7 +265,7 @@ def completion_nll(engine, head, batch, vocab: int):
                                  logit_scale=head.spec.logit_scale, softcap=head.spec.softcap,
                                  group=dist.group.WORLD)
     loss = -logp.sum()
-    return loss, float(loss) / dist.get_world_size()
+    return loss, float(loss.detach()) / dist.get_world_size()
 
 
 def build_objective(distill, student, teacher, assembler, log):
