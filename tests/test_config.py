@@ -58,10 +58,12 @@ def _error(tmp_path, overrides=(), mutate=None):
     ("teacher.deepspeed.optimizer={\"type\": \"AdamW\"}", ["teacher.deepspeed.optimizer", "frozen"]),
     ("teacher.deepspeed.zero_optimization.offload_param={\"device\": \"disk\"}", ["offload_param.device", "'disk'", "'nvme'"]),
     ("teacher.deepspeed.zero_optimization.offload_param={\"device\": \"nvme\"}", ["nvme_path", "required"]),
-    ("teacher.deepspeed.zero_optimization.offload_param={\"device\": \"nvme\", \"nvme_path\": \"/tmp\"}",
+    (["distill.logits=sharded",
+      "teacher.deepspeed.zero_optimization.offload_param={\"device\": \"nvme\", \"nvme_path\": \"/tmp\"}"],
      ["offload_param.device", "'nvme'", "distill.logits 'full'"]),
     ("distill.logits=\"dense\"", ["distill.logits", "'dense'", "'sharded'", "'full'"]),
     ("rollout.top_p=0", ["rollout.top_p", "0", "(0, 1]"]),
+    ("teacher.forward_micro_steps=0", ["teacher.forward_micro_steps", "0", "positive"]),
     ("checkpoint.keep_last=0", ["checkpoint.keep_last", "0", "positive"]),
     ("student.model.name_or_path=\"x\"", ["student.model.name_or_path", "exactly one"]),
     ("data.train.path=\"x.jsonl\"", ["data.train.path", "exactly one"]),
@@ -71,7 +73,7 @@ def _error(tmp_path, overrides=(), mutate=None):
     ("student.deepspeed.optimizer.params.lr=\"fast\"", ["student.deepspeed.optimizer.params.lr", "'fast'", "positive number"]),
 ])
 def test_invalid_values_name_key_value_and_fix(tmp_path, override, words):
-    msg = _error(tmp_path, [override])
+    msg = _error(tmp_path, override if isinstance(override, list) else [override])
     for w in words:
         assert w in msg, (w, msg)
 
@@ -117,3 +119,27 @@ def test_schedule_length_follows_max_steps(tmp_path):
     assert cfg.teacher.sft.deepspeed["scheduler"]["params"] == {"total_num_steps": 7}
     raw["student"]["deepspeed"]["scheduler"]["params"]["total_num_steps"] = 100  # set: kept
     assert load_config(raw=raw).student.deepspeed["scheduler"]["params"]["total_num_steps"] == 100
+
+
+def test_teacher_forward_micro_steps_one_for_vision_language_models(tmp_path):
+    raw = json.load(open(os.path.join(REPO, "ds_configs", "vlm-same-family-jsd.json")))
+    raw["teacher"]["forward_micro_steps"] = 2
+    with pytest.raises(ConfigError, match=r"teacher.forward_micro_steps.*2.*1 \(or null\) for vision-language"):
+        load_config(raw=raw)
+    raw["teacher"]["forward_micro_steps"] = 1
+    load_config(raw=raw)
+
+
+def test_logits_auto_by_vocabulary_size_and_offload():
+    from gold_ds.config.schema import DistillConfig
+    from gold_ds.trainer.objective import SHARDED_FROM_VOCAB, logits_path
+    plain, nvme = {}, {"zero_optimization": {"offload_param": {"device": "nvme", "nvme_path": "/x"}}}
+    auto = DistillConfig(logits="auto")
+    assert SHARDED_FROM_VOCAB == 16384
+    assert logits_path(auto, (274, 299), plain, plain)[0] == "full"
+    assert logits_path(auto, (274, 16383), plain, plain)[0] == "full"
+    assert logits_path(auto, (16384, 274), plain, plain)[0] == "sharded"
+    assert logits_path(auto, (32000, 151936), plain, plain)[0] == "sharded"
+    assert logits_path(auto, (32000, 151936), plain, nvme) == ("full", "a model's parameters are offloaded to NVMe")
+    for fixed in ("full", "sharded"):  # an explicit path is kept whatever the sizes
+        assert logits_path(DistillConfig(logits=fixed), (274, 151936), plain, plain)[0] == fixed

@@ -2,6 +2,7 @@
 alignment of a micro-step, and the micro-step loss against an fp64 reference computed here from the
 plain formulas (groups from decoded prefixes, merged rows by explicit products, sorted L1 / hybrid).
 """
+import collections
 import json
 import math
 
@@ -139,8 +140,11 @@ def _tiny_llama(vocab, seed):
     return model
 
 
+@pytest.mark.parametrize("micro_steps", [1, 2])
 @pytest.mark.parametrize("loss,student_name", [("uld", "pairs"), ("hybrid_uld", "pairs"), ("hybrid_uld", "unigram")])
-def test_micro_step_loss_matches_fp64_reference(loss, student_name):
+def test_micro_step_loss_matches_fp64_reference(loss, student_name, micro_steps):
+    """micro_steps=2: the samples are two micro-steps of different lengths whose teacher targets
+    come from one forward of both (teacher.forward_micro_steps); their summed loss is compared."""
     student_tok = train_arithmetic_unigram_tokenizer() if student_name == "unigram" else _pairs_tokenizer()
     teacher_tok = train_arithmetic_tokenizer()
     # swap roles too: the pairs tokenizer as the teacher merges spans on the teacher side
@@ -152,8 +156,13 @@ def test_micro_step_loss_matches_fp64_reference(loss, student_name):
         asm = _assembler(s_tok, t_tok)
         obj = CrossTokenizerObjective(distill, s_model, t_model, asm, lambda _: None)
         samples = _samples(s_tok)
-        mb = asm.assemble(samples)
-        (got, _), stats = obj.loss(mb, obj.teacher_targets(mb)), mb.counters
+        cut = len(samples) - 1 if micro_steps == 2 else len(samples)  # the last sample (no EOS) is shortest
+        mbs = [asm.assemble(part) for part in (samples[:cut], samples[cut:]) if part]
+        assert len(mbs) == micro_steps
+        got, stats = 0.0, collections.Counter()
+        for mb, targets in zip(mbs, obj.teacher_targets(mbs)):
+            got = got + obj.loss(mb, targets)[0]
+            stats.update(mb.counters)
         got.backward()
         got_grads = [p.grad.clone() for p in s_model.parameters()]
         s_model.zero_grad()

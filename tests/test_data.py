@@ -4,7 +4,7 @@ import json
 import pytest
 
 from gold_ds.config import ConfigError, DatasetSource
-from gold_ds.data import BadRowError, RankSampler, TextSide, open_source, sequence_tensors
+from gold_ds.data import BadRowError, RankSampler, TextSide, concat_batches, open_source, sequence_tensors
 from gold_ds.data import encode_dataset as _encode_dataset
 from gold_ds.data.builtin import builtin_tokenizer
 
@@ -157,3 +157,24 @@ def test_dataset_by_name_goes_through_load_dataset(tmp_path):
     assert rows == [CONV[0]]
     with pytest.raises(ConfigError, match="'data.train.path': the dataset file .*missing.jsonl' does not exist"):
         _rows(DatasetSource(path=str(tmp_path / "missing.jsonl")))
+
+
+def test_concat_batches_stacks_rows_each_equal_to_its_own_batch():
+    import torch
+    a = sequence_tensors([([1, 2], [3]), ([4], [5, 6, 7])], pad_id=9)  # T = 4
+    b = sequence_tensors([([8], [2])], pad_id=9)  # T = 2
+    c = sequence_tensors([([1, 2, 3, 4], [5, 6])], pad_id=9)  # T = 6
+    got = concat_batches([a, b, c])
+    assert got["input_ids"].shape == (4, 6) and got["loss_mask"].shape == (4, 5)
+    start = 0
+    for part in (a, b, c):
+        rows, length = part["input_ids"].shape
+        for key in ("input_ids", "attention_mask", "loss_mask"):
+            width = length - 1 if key == "loss_mask" else length
+            assert torch.equal(got[key][start:start + rows, :width], part[key]), key
+            if key != "input_ids":  # the padding added by the stacking is masked out
+                assert not got[key][start:start + rows, width:].any(), key
+        start += rows
+    assert got["loss_mask"].dtype == torch.bool and got["attention_mask"].sum() == 3 + 4 + 2 + 6
+    with pytest.raises(ValueError, match="only text batches"):
+        concat_batches([dict(a, pixel_values=torch.zeros(2, 3)), a])

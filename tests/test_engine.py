@@ -2,10 +2,14 @@
 
 test_step_gradient: the step's gradient is equal for GA=2 x micro 2 and GA=1 x micro 4, and equal to
 an fp64 reference of the mean per-token generalized JSD over the whole window of both ranks
-(``reference_losses``, the plain formula).
+(``reference_losses``, the plain formula), on both logits paths (the GA=2 window's teacher targets
+come from one teacher forward of both micro-steps).
 test_partitioning: ZeRO-3 partitioning of both models, at construction and in the engines; a frozen
-teacher. test_schedule: identical on/off-policy flags on all ranks. test_uneven_generation:
-generation with uneven lengths. test_rollouts: num_generations=2 and seq_kd, one rollout call each.
+teacher, its decoder layers gathered as ZeRO-3 leaves (test_layer_leaves_config: when).
+test_schedule: identical on/off-policy flags on all ranks. test_uneven_generation: generation with
+uneven lengths. test_student_copy_generation: the default rollout on a plain copy of the student
+(its sync cadence and weights, greedy parity with the ZeRO-3 model). test_rollouts: num_generations=2
+and seq_kd, one rollout call each.
 
 test_resume_export_wandb: a run resumed from a checkpoint reproduces the uninterrupted run's next
 losses exactly; the export reloads with from_pretrained and gives the engine's logits; W&B offline
@@ -31,13 +35,14 @@ def _trainer(tmp, name, **top):
     return build_trainer(cfg)
 
 
-def _step_gradient(tmp):
+def _step_gradient(tmp, logits):
     import torch.distributed as dist
     from gold_ds.data import RankSampler
 
     grads_of, reference = {}, None
     for name, micro, ga in (("ga2x2", 2, 2), ("ga1x4", 4, 1)):
-        tr = _trainer(tmp, name, micro=micro, ga=ga, distill={"beta": 0.3, "temperature": 1.5, "lmbda": 0.0})
+        tr = _trainer(tmp, name, micro=micro, ga=ga,
+                      distill={"beta": 0.3, "temperature": 1.5, "lmbda": 0.0, "logits": logits})
         cfg, rank = tr.cfg, dist.get_rank()
         grads = _capture_step_gradients(tr.student)
         before = tr.student._zero3_consolidated_16bit_state_dict()
@@ -93,8 +98,9 @@ def _reference_gradient(cfg, student_state, teacher_state, sequences):
     return {k: p.grad.detach() for k, p in student.named_parameters()}
 
 
-def test_step_gradient(tmp_path):
-    run_ranks(_step_gradient, WORLD, str(tmp_path), err_dir=str(tmp_path / "errors"))
+@pytest.mark.parametrize("logits", ["full", "sharded"])
+def test_step_gradient(tmp_path, logits):
+    run_ranks(_step_gradient, WORLD, str(tmp_path), logits, err_dir=str(tmp_path / "errors"))
 
 
 def _partitioning(tmp):
@@ -103,10 +109,13 @@ def _partitioning(tmp):
     rank holds ~1/world of each model; the teacher is frozen and never gets a gradient."""
     from gold_ds.engine import local_parameter_share
     from gold_ds.engine.models import build_model, training_ds_config
+    from deepspeed.utils import z3_leaf_module
     tr = _trainer(tmp, "run")
     tr.train_step()
     for engine in (tr.student, tr.teacher):
         assert abs(local_parameter_share(engine) - 1 / WORLD) < 0.02, local_parameter_share(engine)
+        leaves = {type(m).__name__ for m in engine.module.modules() if z3_leaf_module(m)}
+        assert leaves == {"LlamaDecoderLayer"}, leaves  # gathered a layer at a time (with_layer_leaves)
     assert all(not p.requires_grad and p.grad is None for p in tr.teacher.module.parameters())
     model = build_model(tr.cfg.student.model, training_ds_config(tr.cfg.student.deepspeed, WORLD))
     params = list(model.parameters())
@@ -118,6 +127,76 @@ def _partitioning(tmp):
 
 def test_partitioning(tmp_path):
     run_ranks(_partitioning, WORLD, str(tmp_path), err_dir=str(tmp_path / "errors"))
+
+
+def test_layer_leaves_config():
+    """with_layer_leaves: a text model's decoder layers become ZeRO-3 leaves (DeepSpeed's default leaf
+    classes kept), unless a layer has more than stage3_max_live_parameters parameters, the preset
+    names its own leaf modules, or the stage is not 3."""
+    from deepspeed.runtime.zero.leaf_module_config import DEFAULT_LEAF_MODULE_CLASSES
+    from gold_ds.engine.models import with_layer_leaves
+    from conftest import llama_config
+    model = plain_model(llama_config(32), dtype="float32")
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    got = with_layer_leaves({"zero_optimization": zero}, model)
+    assert got["zero_optimization"]["leaf_module"] == {"classes": list(DEFAULT_LEAF_MODULE_CLASSES) + ["LlamaDecoderLayer"]}
+    assert "leaf_module" not in zero  # the caller's config is not changed
+    fits = {"zero_optimization": dict(zero, stage3_max_live_parameters=layer)}
+    assert "leaf_module" in with_layer_leaves(fits, model)["zero_optimization"]
+    too_big = {"zero_optimization": dict(zero, stage3_max_live_parameters=layer - 1)}
+    assert with_layer_leaves(too_big, model) == too_big
+    own = {"zero_optimization": dict(zero, leaf_module={"classes": []})}
+    assert with_layer_leaves(own, model) == own
+    stage2 = {"zero_optimization": {"stage": 2}}
+    assert with_layer_leaves(stage2, model) == stage2
+
+
+def _student_copy(tmp):
+    """rollout.student_copy: the copy's weights are the ZeRO-3 student's after a sync and stay those
+    of the last sync in between (sync_every=2); its greedy completions equal the ZeRO-3 model's own;
+    ranks whose samples end at different lengths generate independently (no collective per token)."""
+    import functools
+    import torch.distributed as dist
+    from gold_ds.engine.weights import gathered_weight_buckets
+    from gold_ds.rollout.factory import transformers_generator
+    from gold_ds.rollout.transformers_generator import StudentCopyGenerator
+    tr = _trainer(tmp, "run", max_steps=3, distill={"lmbda": 0.0},
+                  rollout={"max_new_tokens": 4, "temperature": 1.0, "sync_every": 2})
+    gen, rank = tr.rollout, dist.get_rank()
+    assert isinstance(gen, StudentCopyGenerator) and gen.model is None  # built at the first sync
+    zero3 = transformers_generator(tr.cfg, tr.student, tr.assembler.student, tr.micro_batch_size)
+    weights = functools.partial(gathered_weight_buckets, tr.student.module)
+    prompts = [r.prompt_ids for r in tr.train_data[rank * 3:rank * 3 + 2 + rank]]  # 2 vs 3 prompts
+
+    def copy_equals_student():
+        full = tr.student._zero3_consolidated_16bit_state_dict()  # collective; rank 0's holds the weights
+        same = torch.tensor([float(rank != 0 or all(torch.equal(full[n], p) for n, p in gen.model.state_dict().items()))])
+        dist.broadcast(same, src=0)
+        return bool(same.item())
+
+    for step, synced in ((0, True), (1, False), (2, True)):
+        _, metrics = gen.sample(prompts, 2, step=step, weights=weights)
+        assert not any(hasattr(p, "ds_id") for p in gen.model.parameters())  # a plain model, not partitioned
+        assert ("time/weight_sync" in metrics) == synced, (step, metrics)
+        assert copy_equals_student() == synced, step
+        if synced:
+            assert gen.generate(prompts, 1, greedy=True) == zero3.generate(prompts, 1, greedy=True)
+        tr.train_step()  # off-policy: the student's weights move, the copy's wait for the next sync
+    assert not copy_equals_student()
+
+    first = gen.generate(prompts, 1, greedy=True, max_new_tokens=6)
+    if rank == 0:
+        gen.generator.eos_id = first[0][0]  # prompt 0 now ends after its first token
+    else:
+        unused = set(range(len(tr.assembler.student.tokenizer))) - {t for c in first for t in c}
+        gen.generator.eos_id = min(unused)  # never produced greedily: every completion runs to the limit
+    out = gen.generate(prompts, 1, greedy=True, max_new_tokens=6)
+    assert len(out[0]) == 1 if rank == 0 else [len(c) for c in out] == [6, 6, 6]
+
+
+def test_student_copy_generation(tmp_path):
+    run_ranks(_student_copy, WORLD, str(tmp_path), err_dir=str(tmp_path / "errors"))
 
 
 def _schedule(tmp):
@@ -141,9 +220,10 @@ def test_schedule(tmp_path):
 
 
 def _uneven_generation(tmp):
-    """Rank 0 stops after one token, rank 1 runs to the limit: synced generation neither hangs nor crashes."""
+    """Rank 0 stops after one token, rank 1 runs to the limit: synced generation (on the ZeRO-3
+    model itself) neither hangs nor crashes."""
     import torch.distributed as dist
-    tr = _trainer(tmp, "run")
+    tr = _trainer(tmp, "run", rollout={"max_new_tokens": 4, "student_copy": False})
     gen = tr.rollout
     rank = dist.get_rank()
     prompts = [r.prompt_ids for r in tr.train_data[rank * 3:rank * 3 + 2 + rank]]  # 2 vs 3 prompts

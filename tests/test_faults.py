@@ -176,14 +176,15 @@ def _non_finite(tmp):
     real_loss, real_teacher = tr.objective.loss, tr.objective.teacher_targets
     micro = {"m": 0}
 
-    def teacher_targets(mb):
-        micro["m"] += 1
-        targets = real_teacher(mb)
-        if plan.get((tr.step + 1, micro["m"])) == "teacher" and rank == 0:
-            targets = targets * float("nan")
+    def teacher_targets(mbs):  # one call may score several micro-steps: micro["m"] + 1, ...
+        targets = real_teacher(mbs)
+        for i in range(len(targets)):
+            if plan.get((tr.step + 1, micro["m"] + 1 + i)) == "teacher" and rank == 0:
+                targets[i] = targets[i] * float("nan")
         return targets
 
     def loss(mb, targets):
+        micro["m"] += 1
         value, share = real_loss(mb, targets)
         bad = plan.get((tr.step + 1, micro["m"]))
         if bad == "loss" and rank == 1:

@@ -201,9 +201,8 @@ def _worker(tmp):
             raw = raw(f"{tmp}/{name}")
         cfg = load_config(raw=raw)
         tr = build_trainer(cfg)
-        sharded = tr.objective
-        full = build_objective(dataclasses.replace(cfg.distill, logits="full"), tr.student, tr.teacher,
-                               tr.assembler, lambda _: None)
+        sharded, full = (build_objective(dataclasses.replace(cfg.distill, logits=mode), tr.student, tr.teacher,
+                                         tr.assembler, lambda _: None) for mode in ("sharded", "full"))
         rows = tr.train_data
         samples = [Sample(r.prompt_ids, r.completion_ids, r.example)
                    for r in (rows[(rank * 3 + i) % len(rows)] for i in range(2 + rank % 2))]
@@ -218,7 +217,7 @@ def _worker(tmp):
                                  + [h.weight.ds_shape[0] for h in heads])
             mb = tr.assembler.assemble(samples, counted=counted)
             with probe:
-                loss, share = objective.loss(mb, objective.teacher_targets(mb))
+                loss, share = objective.loss(mb, objective.teacher_targets([mb])[0])
                 tr.student.backward(loss * world, scale_wrt_gas=False)  # DeepSpeed averages: the sum's gradient
             for h in hooks:
                 h.remove()

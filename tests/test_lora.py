@@ -61,13 +61,13 @@ def _gradients(tr, cfg, name):
     rank, world = dist.get_rank(), dist.get_world_size()
     rows = tr.train_data
     samples = [Sample(r.prompt_ids, r.completion_ids, r.example) for r in rows[rank * 3:rank * 3 + 2 + rank]]
-    full = build_objective(dataclasses.replace(cfg.distill, logits="full"), tr.student, tr.teacher, tr.assembler,
-                           lambda _: None)
+    sharded, full = (build_objective(dataclasses.replace(cfg.distill, logits=mode), tr.student, tr.teacher,
+                                     tr.assembler, lambda _: None) for mode in ("sharded", "full"))
     trainable = [(n, p) for n, p in tr.student.module.named_parameters() if p.requires_grad]
     got = {}
-    for mode, objective in (("sharded", tr.objective), ("full", full)):
+    for mode, objective in (("sharded", sharded), ("full", full)):
         mb = tr.assembler.assemble(samples)
-        loss, share = objective.loss(mb, objective.teacher_targets(mb))
+        loss, share = objective.loss(mb, objective.teacher_targets([mb])[0])
         tr.student.backward(loss * world, scale_wrt_gas=False)  # DeepSpeed averages: the sum's gradient
         got[mode] = (global_sum([share], tr.student.device)[0],
                      {n: safe_get_full_grad(p).double().clone() for n, p in trainable})

@@ -250,7 +250,9 @@ def _per_sample_bytes(side, images):
 
 
 def _two_ranks(tmp, data_path):
+    import functools
     import torch.distributed as dist
+    from gold_ds.engine.weights import gathered_weight_buckets
     from gold_ds.trainer import build_trainer
     paths = {json.loads(l)["images"][0] for l in open(data_path)}
     seen, live_at_exit, live_at_microstep = [], [], []
@@ -291,9 +293,12 @@ def _two_ranks(tmp, data_path):
             assert 0 < m["on_policy_share"] < 1  # this seed draws both kinds of micro-step
         # on-policy rollouts with images, for the student and (its own rendering) the teacher
         rows = tr.train_data[:2]
-        for gen, prompts, side in ((tr.rollout, [r.prompt_ids for r in rows], student),
-                                   (tr.teacher_generator, [tr.assembler.teacher_prompt_ids(r) for r in rows], teacher)):
-            out = gen.generate(prompts, 2)
+        weights = functools.partial(gathered_weight_buckets, tr.student.module)  # the student's rollout syncs them
+        for sample, prompts, side in ((lambda p, g: tr.rollout.sample(p, g, step=tr.step, weights=weights)[0],
+                                       [r.prompt_ids for r in rows], student),
+                                      (tr.teacher_generator.generate,
+                                       [tr.assembler.teacher_prompt_ids(r) for r in rows], teacher)):
+            out = sample(prompts, 2)
             assert len(out) == 4 and all(1 <= len(c) <= 4 for c in out)
             assert not any(t in side.placeholder_ids for c in out for t in c)
         tr.student.destroy()

@@ -276,6 +276,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     if "optimizer" in cfg.teacher.deepspeed:
         _fail("teacher.deepspeed.optimizer", cfg.teacher.deepspeed["optimizer"],
               "the teacher is frozen (ZeRO-inference): remove the optimizer section")
+    if cfg.teacher.forward_micro_steps is not None:
+        _positive_int(cfg.teacher.forward_micro_steps, "teacher.forward_micro_steps")
+        if cfg.teacher.forward_micro_steps > 1 and cfg.student.model.processor is not None:
+            _fail("teacher.forward_micro_steps", cfg.teacher.forward_micro_steps,
+                  "1 (or null) for vision-language models: a micro-step's images are processed only when it comes")
     _check_offload(cfg.teacher.deepspeed, "teacher.deepspeed", cfg.distill.logits)
     _check_offload(cfg.student.deepspeed, "student.deepspeed", cfg.distill.logits)
     if cfg.student.lora is not None:

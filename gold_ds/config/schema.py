@@ -77,6 +77,12 @@ class TeacherConfig:
     """The teacher's ZeRO-inference config: stage 3, no optimizer, optional
     ``zero_optimization.offload_param`` to ``cpu`` or ``nvme``."""
     sft: TeacherSFTConfig = field(default_factory=TeacherSFTConfig)
+    forward_micro_steps: Optional[int] = None
+    """Micro-steps whose teacher forward runs as one batch: ZeRO-3 gathers the teacher's parameters
+    (and runs its hooks) once for all of them (``gold_ds.trainer.objective``). null: a whole window
+    (``gradient_accumulation_steps``) for text models, 1 for vision-language models (their images are
+    processed one micro-step at a time). Lower it when the teacher's activations for micro batch x
+    this many sequences, or its outputs for them (see ``distill.logits``), do not fit."""
 
 
 DATA_COLUMNS = ("messages", "prompt", "completion", "answer", "images")
@@ -162,12 +168,16 @@ class DistillConfig:
     num_generations: int = 1
     """Completions sampled per prompt on on-policy micro-steps (an on-policy micro-step takes micro
     batch / num_generations prompts)."""
-    logits: Literal["sharded", "full"] = "sharded"
+    logits: Literal["auto", "sharded", "full"] = "auto"
     """How the loss gets the models' logits. ``sharded``: the forwards stop at the final hidden
     states, every rank applies its vocabulary slice of both heads (read from its ZeRO-3 partition)
     to all ranks' completion rows inside the loss, chunk by chunk, so no rank holds a full
     [rows, vocabulary] logits tensor. ``full``: each model's own forward computes [B, T, V] logits
-    on every rank (the fallback for heads ``sharded`` does not know; see ``gold_ds.engine.heads``)."""
+    on every rank (the fallback for heads ``sharded`` does not know; see ``gold_ds.engine.heads``).
+    ``auto``: ``sharded`` when either tokenizer has at least 16,384 tokens (every real LLM's), else
+    ``full``, whose small logits cost less than the sharded path's collectives;
+    ``full`` too when a model's parameters are offloaded to NVMe (``sharded`` reads the heads from
+    memory). The start-up log names the choice."""
 
     @property
     def cross_tokenizer(self) -> bool:
@@ -211,7 +221,8 @@ class VLLMServerConfig:
 @dataclass
 class RolloutConfig:
     backend: Literal["transformers", "vllm_colocate", "vllm_server"] = "transformers"
-    """Generator of on-policy samples: ``transformers`` (``generate`` on the ZeRO-3 engine),
+    """Generator of on-policy samples: ``transformers`` (``generate`` on the student, see
+    ``student_copy``),
     ``vllm_colocate`` (a vLLM engine in the trainer's processes, weights synced from ZeRO-3) or
     ``vllm_server`` (a vLLM server, weights pushed to it). The vLLM backends need the vllm extra."""
     max_new_tokens: int = 128
@@ -221,12 +232,19 @@ class RolloutConfig:
     """0 disables top-k."""
     stop_token_ids: list = field(default_factory=list)
     """Token ids that end a sample (kept in it), besides the tokenizer's EOS. vLLM backends only."""
+    student_copy: bool = True
+    """``transformers`` backend: generate with a plain copy of the student on every rank, its weights
+    loaded from the ZeRO-3 partitions before a rollout (``sync_every``, ``sync_bucket_mb``): one
+    gather per rollout and no collective per generated token. It costs one full copy of the
+    student's weights per rank; ``false`` generates with the ZeRO-3 model itself (every generated
+    token gathers every layer, all ranks in lock-step), for a student that does not fit twice."""
     sync_every: int = 1
-    """vLLM backends: the student's weights are pushed to vLLM before a rollout when this many steps
-    passed since the last push (and always before the first rollout)."""
+    """Generators with their own copy of the student's weights (vLLM backends, ``student_copy``):
+    the weights are synced before a rollout when this many steps passed since the last sync (and
+    always before the first rollout)."""
     sync_bucket_mb: int = 512
-    """vLLM backends: weights are gathered from ZeRO-3 and pushed in buckets of at most this many MiB
-    of full tensors (a larger single parameter is a bucket of its own)."""
+    """Weight syncs gather the weights from ZeRO-3 in buckets of at most this many MiB of full
+    tensors (a larger single parameter is a bucket of its own)."""
     colocate: VLLMColocateConfig = field(default_factory=VLLMColocateConfig)
     """``vllm_colocate`` only."""
     server: VLLMServerConfig = field(default_factory=VLLMServerConfig)

@@ -65,3 +65,20 @@ def sequence_tensors(sequences: list, pad_id: int) -> dict:
         attn[b, :n] = 1
         loss_mask[b, len(p) - 1:n - 1] = True
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask}
+
+
+def concat_batches(batches: list) -> dict:
+    """Several right-padded text batches (``sequence_tensors``' dicts) as one: rows stacked in order,
+    every row right-padded to the longest (pad id 0, attention and loss masks 0 there), so batch
+    ``i``'s rows are a slice of the result and, cut to its own length, equal its own tensors.
+    Vision-language batches (pixel inputs) are not stacked: their images belong to one micro-step."""
+    keys = set(batches[0])
+    if keys - {"input_ids", "attention_mask", "loss_mask"} or any(set(b) != keys for b in batches):
+        raise ValueError(f"only text batches (input_ids, attention_mask, loss_mask) can be stacked; got {sorted(keys)}")
+    T = max(b["input_ids"].shape[1] for b in batches)
+    out = {}
+    for key in keys:
+        width = T - 1 if key == "loss_mask" else T
+        parts = [torch.nn.functional.pad(b[key], (0, width - b[key].shape[1])) for b in batches]
+        out[key] = torch.cat(parts)
+    return out

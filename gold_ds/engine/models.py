@@ -109,6 +109,37 @@ def build_model(model_cfg, ds_config: dict):
     return model
 
 
+def with_layer_leaves(ds_config: dict, model) -> dict:
+    """``ds_config`` with the model's decoder layers (transformers' ``_no_split_modules``) as ZeRO-3
+    leaf modules: DeepSpeed then gathers a layer's parameters in one collective and runs its
+    forward and backward hooks once per layer, instead of once per linear layer and norm. On small
+    and mid-sized layers those per-module hooks and gathers are most of a step (2 CPU ranks, demo
+    models: bench/RESULTS.md); the numbers computed are the same. Memory: a whole layer is live while
+    it runs, so this is done only when every such layer has at most ``stage3_max_live_parameters``
+    parameters. A ``zero_optimization.leaf_module`` in the preset is kept as it is (an empty
+    ``{"classes": []}`` turns this off); DeepSpeed's own default leaf classes (MoE blocks) stay.
+
+    Text models only, and not under LoRA: with a vision-language model (LLaVA) or peft's wrapped
+    layers as leaves, DeepSpeed 0.19.8's backward meets a released (size-0) weight
+    (tests/test_heads.py, tests/test_lora.py), so those keep DeepSpeed's per-module gathers."""
+    from deepspeed.runtime.zero.leaf_module_config import DEFAULT_LEAF_MODULE_CLASSES
+    from .lora import transformers_model
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage") != 3 or "leaf_module" in zero:
+        return ds_config
+    names = set(getattr(transformers_model(model), "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        return ds_config
+    limit = zero.get("stage3_max_live_parameters", 10 ** 9)
+    if max(sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) for m in layers) > limit:
+        return ds_config
+    ds_config = copy.deepcopy(ds_config)
+    classes = list(DEFAULT_LEAF_MODULE_CLASSES) + sorted({type(m).__name__ for m in layers})
+    ds_config["zero_optimization"]["leaf_module"] = {"classes": classes}
+    return ds_config
+
+
 _MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
 
 
@@ -143,6 +174,8 @@ def build_training_engine(model_cfg, ds: dict, world_size: int, lora=None):
     if lora is not None:
         from .lora import apply_lora
         model = apply_lora(model, lora, model_cfg.init_seed)
+    if lora is None and model_cfg.processor is None:  # see with_layer_leaves
+        ds_config = with_layer_leaves(ds_config, model)
     with _without_muon_import(ds_config):
         engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                           config=ds_config)
@@ -156,6 +189,8 @@ def build_inference_engine(model_cfg, ds: dict, micro_batch: int, world_size: in
     ds_config = inference_ds_config(ds, micro_batch, world_size)
     model = build_model(model_cfg, ds_config)
     model.requires_grad_(False)
+    if model_cfg.processor is None:  # see with_layer_leaves
+        ds_config = with_layer_leaves(ds_config, model)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     return engine

@@ -1,10 +1,17 @@
-"""Generation with transformers ``generate`` on a (ZeRO-3 partitioned) model.
+"""Generation with transformers ``generate``: on a ZeRO-3 partitioned model, or on a plain copy of
+the student's weights.
 
-Under ZeRO-3 every forward pass gathers parameters collectively, so all ranks must run the same
-number of forward passes: ``synced_gpus=True`` keeps ranks that have finished stepping until the
-last rank is done (without it, ranks whose samples end at different lengths crash or hang).
-transformers only turns it on by itself while an ``HfDeepSpeedConfig`` is alive, so it is passed
-explicitly here.
+``TransformersGenerator`` generates with the model it is given. Under ZeRO-3 every forward pass
+gathers parameters collectively, so all ranks must run the same number of forward passes:
+``synced_gpus=True`` keeps ranks that have finished stepping until the last rank is done (without
+it, ranks whose samples end at different lengths crash or hang). transformers only turns it on by
+itself while an ``HfDeepSpeedConfig`` is alive, so it is passed explicitly here.
+
+``StudentCopyGenerator`` (``rollout.student_copy``) generates with a plain, unpartitioned copy of
+the student on every rank, loaded from the gathered ZeRO-3 weights before a rollout (the
+``WeightSyncedRollout`` cadence, as vLLM's): one gather of the weights per rollout instead of one
+per layer per generated token, and no collective while generating, so each rank stops when its own
+samples end. It costs one full copy of the student's weights per rank.
 
 Vision-language prompts: a prompt may be an id list that also has ``model_inputs()`` (a
 ``gold_ds.data.vlm.MultimodalPrompt``: its ids with the image tokens expanded, and its raw images).
@@ -17,7 +24,7 @@ hence of chunks.
 import torch
 import torch.distributed as dist
 
-from .base import Rollout
+from .base import Rollout, WeightSyncedRollout
 
 
 def left_padded(prompts: list, pad_id: int) -> dict:
@@ -36,8 +43,11 @@ class TransformersGenerator(Rollout):
     current ones, so ``sample`` never syncs."""
 
     def __init__(self, module, tokenizer, *, device, max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0, multimodal_chunk: int = None, suppress_tokens=None):
-        """``multimodal_chunk``: vision-language prompts per ``generate`` call of the model (None: all;
+                 top_p: float = 1.0, top_k: int = 0, multimodal_chunk: int = None, suppress_tokens=None,
+                 synced: bool = True):
+        """``synced``: the model is partitioned (ZeRO-3), so ranks generate in lock-step (see the module
+        docstring); a plain model on every rank generates unsynced. ``multimodal_chunk``:
+        vision-language prompts per ``generate`` call of the model (None: all;
         see the module docstring). ``suppress_tokens``: token ids never sampled (vision-language
         models: image placeholder tokens, which only a processor may place)."""
         self.module, self.device = module, device  # the device the model computes on (params may be offloaded)
@@ -46,6 +56,7 @@ class TransformersGenerator(Rollout):
         self.max_new_tokens = max_new_tokens
         self.sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
         self.multimodal_chunk, self.suppress_tokens = multimodal_chunk, suppress_tokens
+        self.synced = synced
 
     @torch.no_grad()
     def generate(self, prompts: list, num_generations: int = 1, greedy: bool = False,
@@ -59,7 +70,8 @@ class TransformersGenerator(Rollout):
         # remove_invalid_values: NaN/inf logits (weights gone bad) sample instead of crashing every rank;
         # the loss of such samples is NaN, which the trainer's non-finite guard skips and reports
         kwargs = dict(max_new_tokens=max_new_tokens or self.max_new_tokens, pad_token_id=self.pad_id,
-                      eos_token_id=self.eos_id, synced_gpus=dist.is_initialized() and dist.get_world_size() > 1,
+                      eos_token_id=self.eos_id,
+                      synced_gpus=self.synced and dist.is_initialized() and dist.get_world_size() > 1,
                       remove_invalid_values=True)
         if self.suppress_tokens:
             kwargs.update(suppress_tokens=list(self.suppress_tokens))
@@ -86,6 +98,48 @@ class TransformersGenerator(Rollout):
                 completions.append(row)
         self.module.train(was_training)
         return completions
+
+
+class StudentCopyGenerator(WeightSyncedRollout):
+    """Generates with ``model``, a plain copy of the student's architecture on this rank, whose
+    weights ``sample`` refreshes from the student's ZeRO-3 partitions (see the module docstring).
+    ``make_model()`` builds the copy at the first sync, so a run without on-policy micro-steps never
+    holds one. ``sampling``: ``TransformersGenerator``'s keyword arguments. Which ranks call it: every
+    rank calls ``sample`` in the same steps (the weight gather is collective); ``generate`` itself is
+    local."""
+
+    def __init__(self, make_model, tokenizer, *, device, sync_every: int, bucket_bytes: int, **sampling):
+        super().__init__(sync_every, bucket_bytes)
+        self.model = self.generator = None
+        self._make = lambda: TransformersGenerator(make_model().requires_grad_(False), tokenizer, device=device,
+                                                   synced=False, **sampling)
+
+    @torch.no_grad()
+    def generate(self, prompts: list, num_generations: int = 1, greedy: bool = False, max_new_tokens: int = None,
+                 weights=None) -> list:
+        if weights is not None:
+            if self.generator is None:
+                self.generator = self._make()
+                self.model = self.generator.module
+            self._sync_weights(weights)
+        if not self.has_weights:
+            raise RuntimeError("the student copy has no weights yet: its first rollout must come with them")
+        return self.generator.generate(prompts, num_generations, greedy, max_new_tokens)
+
+    @torch.no_grad()
+    def _load_weights(self, weights) -> int:
+        params = dict(self.model.named_parameters())
+        loaded = set()
+        for bucket in weights:
+            for name, tensor in bucket:
+                if name not in params:
+                    raise KeyError(f"the student's weight {name!r} has no place in its copy for generation")
+                params[name].copy_(tensor)
+                loaded.add(name)
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise KeyError(f"the student's weights left {len(missing)} tensors of its copy unset, e.g. {missing[:3]}")
+        return len(loaded)
 
 
 def _multimodal_inputs(prompts: list, width: int) -> dict:

@@ -31,9 +31,9 @@ from ..engine.models import build_inference_engine, build_training_engine, check
 from ..rollout.factory import build_rollout, transformers_generator
 from .collective import init_distributed
 from .evaluate import Evaluator
-from .logging import MetricsLogger
+from .logging import MetricsLogger, seconds_since_launch
 from .loop import Trainer, run_identity
-from .objective import build_objective
+from .objective import build_objective, logits_path
 from .stop import note_rank_processes
 from .teacher_sft import teacher_sft
 
@@ -108,10 +108,14 @@ def _check_same_run(saved, now: dict, where: str) -> None:
 
 
 class _Phases:
-    """Seconds per start-up phase, for one ``[gold_ds] start-up`` line."""
+    """Seconds per start-up phase, for one ``[gold_ds] start-up`` line; the first, ``imports``, is
+    from the process's start to ``build_trainer`` (interpreter, imports, the config)."""
 
     def __init__(self):
         self.seconds, self._t = {}, time.perf_counter()
+        launched = seconds_since_launch()
+        if launched is not None:
+            self.seconds["imports"] = launched
 
     def done(self, phase: str) -> None:
         now = time.perf_counter()
@@ -126,6 +130,9 @@ def build_trainer(cfg, resume: bool = False) -> Trainer:
     t_start = time.perf_counter()
     phases = _Phases()
     assembler = build_assembler(cfg)
+    cfg.distill.logits, logits_why = logits_path(cfg.distill, (len(assembler.student.tokenizer),
+                                                               len(assembler.teacher.tokenizer)),
+                                                 cfg.student.deepspeed, cfg.teacher.deepspeed)
     check_model_source(cfg.student.model, "student.model")
     check_model_source(cfg.teacher.model, "teacher.model")
     if cfg.student.lora is not None:
@@ -146,7 +153,7 @@ def build_trainer(cfg, resume: bool = False) -> Trainer:
         _check_same_run(trainer_state(ckpt_root, resume_tag).get("run"), run_identity(cfg, world),
                         os.path.join(ckpt_root, resume_tag))
 
-    phases.done("process group")
+    phases.done("process group")  # DeepSpeed builds its CPU comm op here on a first launch (kept in TORCH_EXTENSIONS_DIR)
     say = functools.partial(print, flush=True) if rank == 0 else (lambda text: None)
     device = torch.device(accelerator.current_device_name())
     train_data = _load_data(cfg, assembler.student, "train", device, say)
@@ -154,6 +161,7 @@ def build_trainer(cfg, resume: bool = False) -> Trainer:
     sampler = RankSampler(len(train_data), rank, world, cfg.seed, cfg.data.shuffle)
     log = MetricsLogger(cfg, rank == 0, resumed=resume_tag is not None)
     log.info(f"[gold_ds] {world} ranks on {accelerator.device_name()}; train data: {train_data.report()}")
+    log.info(f"[gold_ds] distill.logits: {cfg.distill.logits} ({logits_why})")
     if eval_data is not None:
         log.info(f"[gold_ds] eval data: {eval_data.report()}")
     if resume_tag is None:

@@ -58,7 +58,7 @@ class Evaluator:
             chunk = rows[i:i + self.forward_batch]
             n = max(0, min(len(chunk), counted - i))  # padding rows run but do not count
             micro_batch = self.assembler.assemble(chunk, counted=n)
-            loss_sum += self.objective.loss(micro_batch, self.objective.teacher_targets(micro_batch))[1]
+            loss_sum += self.objective.loss(micro_batch, self.objective.teacher_targets([micro_batch])[0])[1]
             tokens += sum(len(r.completion_ids) for r in chunk[:n])
         stats = [loss_sum, tokens]
         greedy_rows = rows if self.has_answers else rows[:self.cfg.num_samples]

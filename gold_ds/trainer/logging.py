@@ -15,6 +15,18 @@ from .collective import global_max, global_sum
 PHASES = ("rollout", "teacher", "student", "optimizer")
 
 
+def seconds_since_launch():
+    """Seconds since this process started (Linux: /proc), or None where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime, after the comm field
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def step_metrics(*, flags, tokens, losses, counters, seconds, rollout, lr, skipped_steps, step_seconds,
                  device) -> dict:
     """The record of one optimizer step. Called by every rank (sums and maxima over ranks).

@@ -6,8 +6,9 @@ One optimizer step (a *window* of GA micro-steps), on every rank (``Trainer.trai
      num_generations times), an off-policy one micro_batch rows with their dataset completions
      (with ``seq_kd``: completions sampled from the teacher);
   3. rollout: all on-policy prompts of the window are generated in one call (``gold_ds.rollout``);
-  4. per micro-step: assemble its tensors (``gold_ds.data.assembler``), teacher forward (no grad),
-     student forward, loss (``objective.py``), backward (a NaN/inf loss or teacher output on any
+  4. per micro-step: assemble its tensors (``gold_ds.data.assembler``), teacher forward (no grad;
+     text micro-steps of a window in one forward, ``teacher.forward_micro_steps``), student forward,
+     loss (``objective.py``), backward (a NaN/inf loss or teacher output on any
      rank makes the window's update skipped: ``gold_ds.trainer.stop.NonFiniteGuard``);
   5. ``engine.step()`` (DeepSpeed steps the optimizer at the window's end), metrics, eval, checkpoint;
      then every rank agrees whether to stop (a signal, the launcher gone) and, if so, checkpoints.
@@ -37,7 +38,7 @@ from ..engine.checkpoint import export_hf, save_checkpoint
 from ..engine.lora import export_lora
 from ..engine.weights import gathered_weight_buckets
 from .collective import global_sum
-from .logging import step_metrics
+from .logging import seconds_since_launch, step_metrics
 from .stop import NonFiniteGuard, Preempted, StopRequests
 
 
@@ -85,6 +86,9 @@ class Trainer:
         self.rollout, self.teacher_generator, self.evaluator, self.log = rollout, teacher_generator, evaluator, log
         ds = cfg.student.deepspeed
         self.micro_batch_size, self.ga = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+        # micro-steps per teacher forward (objective.py); a vision-language micro-step's images are
+        # processed only when it comes (gold_ds.data.vlm), so those run one at a time
+        self.teacher_micro_steps = cfg.teacher.forward_micro_steps or (1 if cfg.student.model.processor else self.ga)
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
         self.step, self.results, self.wall, self._t_start = 0, {}, 0.0, t_start
         self.identity = run_identity(cfg, self.world)
@@ -111,11 +115,14 @@ class Trainer:
             micro_steps, rollout_metrics = self._roll_out(rows, flags)
         tokens = global_sum([float(sum(len(s.completion_ids) for s in samples)) for samples in micro_steps],
                             self.device)
-        losses, counters = [], collections.Counter()
-        for m, samples in enumerate(micro_steps):
-            micro_batch = self.assembler.assemble(samples)
-            with timer("teacher"):
-                targets = self.objective.teacher_targets(micro_batch)
+        losses, counters, scored = [], collections.Counter(), []
+        for m in range(len(micro_steps)):
+            if not scored:  # the next micro-steps' tensors, and the teacher's targets of all of them at once
+                micro_batches = [self.assembler.assemble(s) for s in micro_steps[m:m + self.teacher_micro_steps]]
+                with timer("teacher"):
+                    scored = list(zip(micro_batches, self.objective.teacher_targets(micro_batches)))
+                del micro_batches
+            micro_batch, targets = scored.pop(0)
             with timer("student"):
                 loss, share = self.objective.loss(micro_batch, targets)
                 if self.guard.check(self.step + 1, m + 1, share, targets):  # never train on garbage:
@@ -192,8 +199,13 @@ class Trainer:
             self.results["before"] = self._evaluate("before training")
         self.log.start_progress(cfg.max_steps, self.step)
         with StopRequests() as stop:
+            first = True
             while self.step < cfg.max_steps:
                 metrics = self.train_step()
+                if first:
+                    launched, first = seconds_since_launch(), False
+                    self.log.info(f"[gold_ds] first step: {metrics['time/step']:.1f}s"
+                                  + (f", done {launched:.1f}s after launch" if launched is not None else ""))
                 if self.step % cfg.logging.every == 0 or self.step == cfg.max_steps:
                     self.log.log(self.step, {k: v for k, v in metrics.items() if v is not None})
                 self.log.progress(metrics)

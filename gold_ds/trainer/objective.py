@@ -1,5 +1,13 @@
-"""The loss of one micro-step, in two calls the loop times apart: ``teacher_targets(micro_batch)``
-(teacher forward, no grad) and ``loss(micro_batch, targets)`` (student forward, summed loss).
+"""The loss of one micro-step, in two calls the loop times apart: ``teacher_targets(micro_batches)``
+(teacher forward, no grad; one target per micro batch) and ``loss(micro_batch, targets)`` (student
+forward, summed loss).
+
+The teacher's forward of several text micro-steps runs as one batch (their inputs stacked, see
+``gold_ds.data.concat_batches``, and its outputs cut back per micro-step): ZeRO-3 gathers the
+teacher's parameters, and runs its hooks, once for all of them instead of once per micro-step
+(``teacher.forward_micro_steps``). The cost is memory: the teacher's activations of that batch while
+a layer runs, and its outputs (final hidden states of the completion rows with ``sharded``, [B, T, V]
+logits with ``full``) until each micro-step's loss has used them.
 
 ``loss`` returns ``(loss, share)``: the tensor to backpropagate and this rank's share of the
 micro-step's summed loss, for the metrics. The loop scales the loss by world / N, N the student's
@@ -36,6 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..align import merge_log_scales
+from ..data import concat_batches
 from ..engine.heads import HeadSlice, final_hidden_states, head_spec
 from ..losses import (generalized_jsd, hybrid_uld, linear_generalized_jsd, linear_hybrid_uld, linear_token_logprobs,
                       linear_uld, uld)
@@ -51,6 +60,20 @@ def _forward(engine, inputs):
 def _check_vocab(logits, vocab, who):
     if logits.shape[-1] < vocab:
         raise ValueError(f"the {who} model has {logits.shape[-1]} logits per position but its tokenizer has {vocab} tokens")
+
+
+def _teacher_outputs(engine, micro_batches: list, hidden: bool) -> list:
+    """Per micro batch, the teacher's [B, T, X] output on its inputs (final hidden states with
+    ``hidden``, else logits), from one forward of all of them (see the module docstring)."""
+    inputs = [mb.teacher for mb in micro_batches]
+    batch = inputs[0] if len(inputs) == 1 else concat_batches(inputs)
+    out = final_hidden_states(engine, batch) if hidden else _forward(engine, batch)
+    pieces, start = [], 0
+    for x in inputs:
+        rows, length = x["input_ids"].shape
+        pieces.append(out[start:start + rows, :length])
+        start += rows
+    return pieces
 
 
 class _Heads:
@@ -91,12 +114,15 @@ class SharedVocabularyObjective:
         self.heads = _Heads(student, teacher, vocab_size, vocab_size, True) if distill.logits == "sharded" else None
 
     @torch.no_grad()
-    def teacher_targets(self, mb):
+    def teacher_targets(self, micro_batches: list) -> list:
+        outputs = _teacher_outputs(self.teacher, micro_batches, hidden=self.heads is not None)
+        return [self._targets(mb, out) for mb, out in zip(micro_batches, outputs)]
+
+    def _targets(self, mb, out):
         if self.heads is not None:  # the completion rows' hidden states of all ranks
-            mask = mb.student["loss_mask"].to(self.teacher.device)
-            hidden = final_hidden_states(self.teacher, mb.teacher)[:, :-1][mask]
+            hidden = out[:, :-1][mb.student["loss_mask"].to(out.device)]
             return RowGather(hidden.shape[0], hidden.device).gather(hidden)
-        logits = _forward(self.teacher, mb.teacher)[:, :-1]
+        logits = out[:, :-1]
         _check_vocab(logits, self.vocab, "teacher")
         return logits[..., :self.vocab]
 
@@ -168,14 +194,16 @@ class CrossTokenizerObjective:
                                                           if heads else full(s, t, **options, **kw))
 
     @torch.no_grad()
-    def teacher_targets(self, mb):
-        """The teacher's first row of each group (logits, or with sharded heads the hidden state)
-        and its merged log scale."""
-        if self.heads is not None:
-            return self._sharded_teacher_targets(mb)
+    def teacher_targets(self, micro_batches: list) -> list:
+        """Per micro batch, the teacher's first row of each group (logits, or with sharded heads the
+        hidden state) and its merged log scale."""
+        outputs = _teacher_outputs(self.teacher, micro_batches, hidden=self.heads is not None)
+        targets = self._sharded_teacher_targets if self.heads is not None else self._teacher_targets
+        return [targets(mb, out) for mb, out in zip(micro_batches, outputs)]
+
+    def _teacher_targets(self, mb, t_logits):
         a, dev = mb.alignment, self.student.device
         t_start, t_end = a.teacher_start.to(dev), a.teacher_end.to(dev)
-        t_logits = _forward(self.teacher, mb.teacher)
         _check_vocab(t_logits, self.vt, "teacher")
         rows = a.teacher_rows.to(t_logits.device)
         t_rows = t_logits[rows[:, 0], rows[:, 1], :self.vt].to(dev)
@@ -205,30 +233,32 @@ class CrossTokenizerObjective:
         return loss, float(loss.detach())
 
     # ------------------------------------------------------------------ sharded heads (see the docstring)
-    def _gathered(self, engine, inputs, rows, tokens, start, end):
-        """All ranks' completion rows of one side: (RowGather, hidden [N, H], tokens [N], group
-        start [G], end [G]) with the group indices shifted to the gathered rows."""
-        dev = engine.device
+    @staticmethod
+    def _gathered(states, rows, tokens, start, end):
+        """All ranks' completion rows of one side (``states``: its [B, T, H] final hidden states):
+        (RowGather, hidden [N, H], tokens [N], group start [G], end [G]) with the group indices
+        shifted to the gathered rows."""
+        dev = states.device
         rows = rows.to(dev)
-        hidden = final_hidden_states(engine, inputs)[rows[:, 0], rows[:, 1]]
+        hidden = states[rows[:, 0], rows[:, 1]]
         gather = RowGather(hidden.shape[0], dev)
         groups = RowGather(start.numel(), dev)
         return (gather, gather.gather(hidden), gather.gather(tokens.to(dev)),
                 groups.gather(start.to(dev) + gather.offset), groups.gather(end.to(dev) + gather.offset))
 
-    @torch.no_grad()
-    def _sharded_teacher_targets(self, mb):
+    def _sharded_teacher_targets(self, mb, states):
         a = mb.alignment
-        _, hidden, tokens, start, end = self._gathered(self.teacher, mb.teacher, a.teacher_rows, a.teacher_tokens,
-                                                       a.teacher_start, a.teacher_end)
+        _, hidden, tokens, start, end = self._gathered(states, a.teacher_rows, a.teacher_tokens, a.teacher_start,
+                                                       a.teacher_end)
         weight, bias = self.heads.teacher.weight(), self.heads.teacher.bias()
         logp = self.heads.token_logprobs(self.heads.teacher, hidden, weight, bias, tokens, self.tt)
         return hidden[start], _inner_sum(logp, start, end)
 
     def _sharded_loss(self, mb, targets):
         a = mb.alignment
-        rows, hidden, tokens, start, end = self._gathered(self.student, mb.student, a.student_rows, a.student_tokens,
-                                                          a.student_start, a.student_end)
+        rows, hidden, tokens, start, end = self._gathered(final_hidden_states(self.student, mb.student),
+                                                          a.student_rows, a.student_tokens, a.student_start,
+                                                          a.student_end)
         s_weight, t_weight, heads = self.heads.slices()
         s_bias = heads["student_bias"]
         loss = 0.0
@@ -266,6 +296,28 @@ def completion_nll(engine, head, batch, vocab: int):
                                  group=dist.group.WORLD)
     loss = -logp.sum()
     return loss, float(loss.detach()) / dist.get_world_size()
+
+
+SHARDED_FROM_VOCAB = 16_384
+"""``distill.logits=auto`` takes ``sharded`` from this many tokens in either tokenizer. Real LLM
+vocabularies (32k-256k) are far above it; below it a micro-step's full logits are small, and the
+sharded path's per-micro-step collectives cost more than they save (bench/vs_trl.py, vocabularies
+of 274-320 tokens, bench/RESULTS.md)."""
+
+
+def logits_path(distill, vocab_sizes, *deepspeed_configs) -> tuple:
+    """(``sharded`` or ``full``, the reason) for ``distill.logits`` given both tokenizers' sizes and
+    the models' DeepSpeed configs (see ``gold_ds.config.schema.DistillConfig.logits``)."""
+    if distill.logits != "auto":
+        return distill.logits, "set in the config"
+    for ds in deepspeed_configs:
+        off = ds.get("zero_optimization", {}).get("offload_param")
+        if (off.get("device") if isinstance(off, dict) else off) == "nvme":
+            return "full", "a model's parameters are offloaded to NVMe"
+    largest = max(vocab_sizes)
+    if largest >= SHARDED_FROM_VOCAB:
+        return "sharded", f"a vocabulary of {largest} tokens (sharded from {SHARDED_FROM_VOCAB})"
+    return "full", f"vocabularies of at most {largest} tokens (sharded from {SHARDED_FROM_VOCAB})"
 
 
 def build_objective(distill, student, teacher, assembler, log):
