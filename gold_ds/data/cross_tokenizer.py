@@ -30,6 +30,7 @@ groups index into that flat list.
 ``hybrid_uld`` compares the tokens both vocabularies share by bytes (``gold_ds.align.vocabulary_map``)
 plus the end-of-turn pair, which stands for no bytes: ``matched_vocabulary()``.
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ import torch
 from ..align import UnsupportedTokenizerError, byte_spans, group_spans, tokenizer_family, vocabulary_map
 from .assembler import MicroBatch
 from .dataset import Sample
+from .render import TextSide
 
 
 @dataclass
@@ -88,6 +90,15 @@ class CrossTokenizerAssembler:
             completion_ids = completion_ids[:-1]
         return prompt_ids, completion_ids
 
+    def render_many(self, side, examples: list, texts: list, finished: list) -> list:
+        """``render`` of many samples. A text side renders them with one batched template call and one
+        batched tokenizer call (``TextSide.encode_rows``: the same ids as ``encode``, one sample at a
+        time); a vision-language side one by one."""
+        if not isinstance(side, TextSide):
+            return [self.render(side, ex, text, done) for ex, text, done in zip(examples, texts, finished)]
+        encoded = side.encode_rows([dataclasses.replace(ex, completion=text) for ex, text in zip(examples, texts)])
+        return [(p, c[:-1] if not done and c and c[-1] == side.eos else c) for (p, c), done in zip(encoded, finished)]
+
     def matched_vocabulary(self) -> tuple:
         """(student ids, teacher ids, match rate): the tokens both vocabularies share by bytes, plus the
         end-of-turn pair (student EOS, teacher EOS) unless either already takes part."""
@@ -117,10 +128,10 @@ class CrossTokenizerAssembler:
         """Teacher inputs and groups for one micro-step's samples (the student's); groups of samples
         from ``counted`` on are dropped and their tokens leave the loss mask."""
         s_seqs, t_samples, s_spans, t_spans, eot, unaligned = [], [], [], [], [], 0
-        for b, smp in enumerate(samples):
-            finished = bool(smp.completion_ids) and smp.completion_ids[-1] == self.student.eos
-            text = self.text(self.student, smp.completion_ids)
-            t_prompt, t_completion = self.render(self.teacher, smp.example, text, finished)
+        done = [bool(smp.completion_ids) and smp.completion_ids[-1] == self.student.eos for smp in samples]
+        texts = [self.text(self.student, smp.completion_ids) for smp in samples]
+        rendered = self.render_many(self.teacher, [smp.example for smp in samples], texts, done)
+        for b, (smp, text, finished, (t_prompt, t_completion)) in enumerate(zip(samples, texts, done, rendered)):
             s_seqs.append((smp.prompt_ids, smp.completion_ids))
             t_samples.append(Sample(t_prompt, t_completion, smp.example))
             try:

@@ -54,7 +54,7 @@ from .collective import RowGather
 def _forward(engine, inputs):
     """Logits [B, T, V'] of a micro batch's inputs (moved to the engine's device): ids and attention
     mask, plus a vision-language batch's pixel inputs (``pixel_values``, ``image_grid_thw``, ...)."""
-    return engine(**{k: v.to(engine.device) for k, v in inputs.items() if k != "loss_mask"}).logits
+    return engine(**{k: v.to(engine.device) for k, v in inputs.items() if k != "loss_mask"}, use_cache=False).logits
 
 
 def _check_vocab(logits, vocab, who):
