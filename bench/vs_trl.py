@@ -1,14 +1,16 @@
 """Step time of TRL's GOLDTrainer (trl 1.16.0, ``trl.experimental.gold``) against gold_ds, side by side.
 
-    python bench/vs_trl.py --steps 60 [--warmup 3] [--pair same|cross|both] [--only trl|gold_ds]
-                           [--draws gold_ds|trl] [--port 29610] [KEY=VALUE ...]
+    python bench/vs_trl.py --steps 60 [--warmup 3] [--rounds 2] [--pair same|cross|both]
+                           [--only trl|gold_ds] [--draws gold_ds|trl] [--port 29610] [KEY=VALUE ...]
 
 (from the repository root, venv active; ``pip install --no-deps -r bench/requirements.txt`` first).
 The trailing ``KEY=VALUE`` overrides go to the gold_ds side only (ablations, e.g.
 ``student.deepspeed.zero_optimization.leaf_module={"classes":[]}``).
 
 The orchestrator (this script without ``--side``) builds the models once into
-``runs/bench-vs-trl/models/`` and then launches, one after the other, for each pair and trainer,
+``runs/bench-vs-trl/models/`` and then launches, one after the other, for each pair, ``--rounds``
+times TRL then gold_ds (the tables pool the rounds' steps, so that drift of a shared machine
+reaches both alike),
 ``deepspeed --num_gpus 2 --master_port P bench/vs_trl.py --side trl|gold_ds ...`` with
 ``DS_ACCELERATOR=cpu`` (gloo), and prints the tables. Logs: ``runs/bench-vs-trl/logs/``.
 
@@ -423,7 +425,7 @@ def report(results: dict, args) -> None:
     print(f"\nbench/vs_trl.py: {any_result['world']} ranks (CPU, gloo), {any_result['threads']} thread per rank, "
           f"micro batch {MICRO_BATCH} x GA {GA} ({MICRO_BATCH * GA * any_result['world']} sequences per optimizer step), "
           f"lmbda {LMBDA}, max_new_tokens {MAX_NEW_TOKENS}, fp32, ZeRO-3 student and teacher; "
-          f"median of {args.steps} steps after {args.warmup} warm-up, max over ranks, ms; "
+          f"median of {args.rounds} runs x {args.steps} steps (each after {args.warmup} warm-up), max over ranks, ms; "
           f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, "
           f"trl {trl_version}")
     names = {"trl": "TRL GOLDTrainer", "gold_ds": "gold_ds"}
@@ -466,19 +468,19 @@ def orchestrate(args) -> None:
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     os.makedirs(os.path.join(WORK, "logs"), exist_ok=True)
     results, port = {}, args.port
-    for pair in pairs:
+    for pair, rnd in ((pair, rnd) for pair in pairs for rnd in range(args.rounds)):
         for side in sides:
-            out = os.path.join(WORK, "results", f"{pair}-{side}.json")
+            out = os.path.join(WORK, "results", f"{pair}-{side}-{rnd}.json")
             if os.path.exists(out):
                 os.remove(out)
-            log = os.path.join(WORK, "logs", f"{pair}-{side}.log")
+            log = os.path.join(WORK, "logs", f"{pair}-{side}-{rnd}.log")
             cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "bench/vs_trl.py", "--side", side,
                    "--pair", pair, "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", out]
             cmd += ["--draws", args.draws] + args.overrides
             if side == "gold_ds" and args.draws == "trl":
-                cmd += ["--replay", os.path.join(WORK, "results", f"{pair}-trl.json")]
+                cmd += ["--replay", os.path.join(WORK, "results", f"{pair}-trl-{rnd}.json")]
             port += 1
-            print(f"[vs_trl] {pair} / {side}: {' '.join(cmd)}  (log: {log})", file=sys.stderr, flush=True)
+            print(f"[vs_trl] {pair} / {side} / round {rnd}: {' '.join(cmd)}  (log: {log})", file=sys.stderr, flush=True)
             t0 = time.time()
             with open(log, "w") as f:
                 rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -486,9 +488,15 @@ def orchestrate(args) -> None:
                 with open(log) as f:
                     tail = f.read()[-4000:]
                 sys.exit(f"[vs_trl] {pair} / {side} failed (rc {rc}); the end of {log}:\n{tail}")
-            print(f"[vs_trl] {pair} / {side}: done in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+            print(f"[vs_trl] {pair} / {side} / round {rnd}: done in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
             with open(out) as f:
-                results.setdefault(pair, {})[side] = json.load(f)
+                got = json.load(f)
+            if side in results.get(pair, {}):  # later rounds: their steps join the first round's
+                results[pair][side]["steps"] += got["steps"]
+                results[pair][side]["first_step_after_launch"] = max(results[pair][side]["first_step_after_launch"],
+                                                                     got["first_step_after_launch"])
+            else:
+                results.setdefault(pair, {})[side] = got
     report(results, args)
 
 
@@ -496,6 +504,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2,
+                   help="runs per trainer, alternating TRL and gold_ds; the tables pool their steps")
     p.add_argument("--pair", choices=("same", "cross", "both"), default="both")
     p.add_argument("--only", choices=("trl", "gold_ds"), default=None)
     p.add_argument("--port", type=int, default=29610, help="first master port (one more per launch)")
