@@ -236,7 +236,7 @@ class RolloutConfig:
     """``transformers`` backend: generate with a plain copy of the student on every rank, its weights
     loaded from the ZeRO-3 partitions before a rollout (``sync_every``, ``sync_bucket_mb``): one
     gather per rollout and no collective per generated token. It costs one full copy of the
-    student's weights per rank; ``false`` generates with the ZeRO-3 model itself (every generated
+    student's weights per rank, built at the first rollout; ``false`` generates with the ZeRO-3 model itself (every generated
     token gathers every layer, all ranks in lock-step), for a student that does not fit twice."""
     sync_every: int = 1
     """Generators with their own copy of the student's weights (vLLM backends, ``student_copy``):

@@ -58,8 +58,8 @@ def build_rollout(cfg: RunConfig, engine, side, micro_batch_size: int):
 
 
 def _plain_copy(engine):
-    """An unpartitioned model of the student's architecture on the engine's device (weights
-    uninitialized until the first sync). A LoRA student's copy is its base architecture: the synced
+    """An unpartitioned model of the student's architecture on the engine's device, its initial
+    weights overwritten by the first sync. A LoRA student's copy is its base architecture: the synced
     weights have the adapters merged in."""
     module = engine.module
     model = module.get_base_model() if hasattr(module, "get_base_model") else module  # under peft's wrapper
