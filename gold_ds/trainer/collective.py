@@ -30,9 +30,14 @@ def global_sum(values: list, device) -> list:
     return _all_reduce(values, device, dist.ReduceOp.SUM)
 
 
-def global_max(values: list, device) -> list:
-    """Element-wise maxima over all ranks."""
-    return _all_reduce(values, device, dist.ReduceOp.MAX)
+def global_sums_and_maxima(sums: list, maxima: list, device) -> tuple:
+    """(element-wise sums of ``sums``, element-wise maxima of ``maxima``) over all ranks, from one
+    all_gather (fp64; summed in rank order)."""
+    mine = torch.tensor(list(sums) + list(maxima), dtype=torch.float64, device=device)
+    every = torch.empty(dist.get_world_size() * mine.numel(), dtype=torch.float64, device=device)
+    dist.all_gather_into_tensor(every, mine)  # gloo wants a flat output
+    every = every.cpu().view(dist.get_world_size(), mine.numel())
+    return every[:, :len(sums)].sum(0).tolist(), every[:, len(sums):].amax(0).tolist()
 
 
 class RowGather:

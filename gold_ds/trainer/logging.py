@@ -10,7 +10,7 @@ Metric names: plain for the step's headline figures (``loss``, ``tokens``, ``tok
 import json
 import os
 
-from .collective import global_max, global_sum
+from .collective import global_sums_and_maxima
 
 PHASES = ("rollout", "teacher", "student", "optimizer")
 
@@ -39,10 +39,10 @@ def step_metrics(*, flags, tokens, losses, counters, seconds, rollout, lr, skipp
     total = sum(tokens)
     on_tok = sum(t for t, on in zip(tokens, flags) if on)
     keys = sorted(counters)
-    g = global_sum([sum(x for x, on in zip(losses, flags) if on), sum(x for x, on in zip(losses, flags) if not on)]
-                   + [float(counters[k]) for k in keys], device)
+    g, times = global_sums_and_maxima(
+        [sum(x for x, on in zip(losses, flags) if on), sum(x for x, on in zip(losses, flags) if not on)]
+        + [float(counters[k]) for k in keys], [seconds.get(k, 0.0) for k in PHASES], device)
     counted = dict(zip(keys, g[2:]))
-    times = global_max([seconds.get(k, 0.0) for k in PHASES], device)
     out = {
         "loss": (g[0] + g[1]) / total,
         "loss/on_policy": g[0] / on_tok if on_tok else None,
