@@ -12,9 +12,9 @@ class Rollout:
 
 
 class WeightSyncedRollout(Rollout):
-    """A generator with its own copy of the student's weights (vLLM): ``sample`` hands it the
-    student's weights (``generate(..., weights=buckets)``) before its first rollout and then every
-    ``sync_every`` steps; the generator loads them at the right point of its call sequence through
+    """A generator with its own copy of the student's weights (vLLM, the student's plain copy):
+    ``sample`` hands it the student's weights (``generate(..., weights=buckets)``) before its first
+    rollout and then every ``sync_every`` steps; the generator loads them at the right point of its call sequence through
     ``_sync_weights``, which times the sync. ``events`` keeps the last 64 engine calls, in order."""
 
     def __init__(self, sync_every: int, bucket_bytes: int):
