@@ -124,10 +124,10 @@ def with_layer_leaves(ds_config: dict, model) -> dict:
     (tests/test_heads.py, tests/test_lora.py), so those keep DeepSpeed's per-module gathers."""
     from deepspeed.runtime.zero.leaf_module_config import DEFAULT_LEAF_MODULE_CLASSES
     from .lora import transformers_model
-    zero = ds_config.get("zero_optimization", {})
-    if zero.get("stage") != 3 or "leaf_module" in zero:
-        return ds_config
-    names = set(getattr(transformers_model(model), "_no_split_modules", None) or ())
+    zero, base = ds_config.get("zero_optimization", {}), transformers_model(model)
+    if zero.get("stage") != 3 or "leaf_module" in zero or base is not model or hasattr(base.config, "vision_config"):
+        return ds_config  # not ZeRO-3, the preset's own leaves, a peft (LoRA) wrapper, a vision-language model
+    names = set(getattr(base, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
         return ds_config
@@ -195,8 +195,7 @@ def build_training_engine(model_cfg, ds: dict, world_size: int, lora=None):
     if lora is not None:
         from .lora import apply_lora
         model = apply_lora(model, lora, model_cfg.init_seed)
-    if lora is None and model_cfg.processor is None:  # see with_layer_leaves
-        ds_config = with_layer_leaves(ds_config, model)
+    ds_config = with_layer_leaves(ds_config, model)
     with _without_muon_import(ds_config):
         engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                           config=ds_config)
@@ -211,8 +210,7 @@ def build_inference_engine(model_cfg, ds: dict, micro_batch: int, world_size: in
     ds_config = inference_ds_config(ds, micro_batch, world_size)
     model = build_model(model_cfg, ds_config)
     model.requires_grad_(False)
-    if model_cfg.processor is None:  # see with_layer_leaves
-        ds_config = with_layer_leaves(ds_config, model)
+    ds_config = with_layer_leaves(ds_config, model)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     _no_grad_linear_is_torchs()

@@ -24,9 +24,9 @@ def build_rollout(cfg: RunConfig, engine, side, micro_batch_size: int):
     """The student's on-policy rollout for ``rollout.backend``. ``engine``: the student's ZeRO-3
     engine (transformers generates with it; vLLM starts from its architecture)."""
     r = cfg.rollout
-    if r.backend == "transformers" and not r.student_copy:
-        return transformers_generator(cfg, engine, side, micro_batch_size)
     if r.backend == "transformers":
+        if not r.student_copy:
+            return transformers_generator(cfg, engine, side, micro_batch_size)
         return StudentCopyGenerator(lambda: _plain_copy(engine), side.tokenizer, device=engine.device,
                                     sync_every=r.sync_every, bucket_bytes=r.sync_bucket_mb << 20,
                                     max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
