@@ -66,3 +66,73 @@ def hybrid_uld(s, t, student_ids, teacher_ids, beta=0.5, matched_weight=None, un
     matched = jsd_rows(p[..., student_ids], q[..., teacher_ids], beta, True)
     unmatched = sorted_l1_rows(p[..., s_un], q[..., t_un])
     return reduce_rows(w_m * matched + w_u * unmatched, mask, reduction)
+
+
+def longest_piece(rest: bytes, vocab: list) -> int:
+    """The id of the longest entry of ``vocab`` (bytes; empty for special tokens) that begins
+    ``rest``, by brute force; -1 if none."""
+    best, best_len = -1, 0
+    for v, piece in enumerate(vocab):
+        if piece and len(piece) > best_len and rest.startswith(piece):
+            best, best_len = v, len(piece)
+    return best
+
+
+def prefix_tables(a_vocab: list, b_vocab: list, a_eos: int, b_eos: int) -> tuple:
+    """(key, piece) int64 [D, len(a_vocab)] tables projecting ``a_vocab`` onto ``b_vocab`` pieces, by
+    their definition in gold_ds.align.prefix, written out by brute force."""
+    depth = max(len(p) for p in a_vocab)
+    names = {b"": 0}
+    key = torch.full((depth, len(a_vocab)), -1, dtype=torch.long)
+    piece = torch.full((depth, len(a_vocab)), -1, dtype=torch.long)
+    for u, p in enumerate(a_vocab):
+        for d in range(len(p)):
+            key[d, u] = names.setdefault(p[:d], len(names))
+            piece[d, u] = longest_piece(p[d:], b_vocab)
+    key[0, a_eos], piece[0, a_eos] = 0, b_eos
+    return key, piece
+
+
+def byte_prefix_jsd(s, t, student_fine, skip, student_token, teacher_token, s_vocab, t_vocab, s_eos, t_eos,
+                    beta=0.5, student_temperature=1.0, teacher_temperature=1.0, mask=None, reduction="mean"):
+    """Byte-prefix JSD row by row from the vocabularies' bytes (``*_vocab``: one bytes per id, empty
+    for special tokens; ``*_eos``: the end-of-turn ids, which stand for each other): the coarse side's
+    tokens that continue the spelled prefix, grouped by the fine side's longest piece of what follows,
+    both sides renormalized on the pieces reached, then the generalized JSD (teacher a, student b)."""
+    s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
+    rows = []
+    for i in range(s.shape[0]):
+        ls = torch.log_softmax(s[i] / student_temperature, -1)
+        lt = torch.log_softmax(t[i] / teacher_temperature, -1)
+        fine_is_student = bool(student_fine.reshape(-1)[i])
+        if fine_is_student:
+            lf, lc, f_vocab, c_vocab, c_tok, c_eos, f_eos = ls, lt, s_vocab, t_vocab, teacher_token, t_eos, s_eos
+        else:
+            lf, lc, f_vocab, c_vocab, c_tok, c_eos, f_eos = lt, ls, t_vocab, s_vocab, student_token, s_eos, t_eos
+        d = int(skip.reshape(-1)[i])
+        spelled = c_vocab[int(c_tok.reshape(-1)[i])]
+        classes = {}
+        if d < len(spelled) or (d == 0 and int(c_tok.reshape(-1)[i]) == c_eos):
+            for u, p in enumerate(c_vocab):
+                v = f_eos if (u == c_eos and d == 0) else (
+                    longest_piece(p[d:], f_vocab) if len(p) > d and p[:d] == spelled[:d] else -1)
+                if v >= 0:
+                    classes.setdefault(v, []).append(u)
+        if not classes:
+            rows.append(s[i].sum() * 0)
+            continue
+        support = sorted(classes)
+        p_c = lc.exp()
+        q = torch.stack([p_c[classes[v]].sum() for v in support])
+        q = q / q.sum()
+        p_f = lf.exp()[support]
+        p_f = p_f / p_f.sum()
+        a, b = (q, p_f) if fine_is_student else (p_f, q)
+        if beta == 0:
+            rows.append((a * (a.log() - b.log())).sum())
+        elif beta == 1:
+            rows.append((b * (b.log() - a.log())).sum())
+        else:
+            m = beta * a + (1 - beta) * b
+            rows.append(beta * (a * (a / m).log()).sum() + (1 - beta) * (b * (b / m).log()).sum())
+    return reduce_rows(torch.stack(rows).reshape(student_fine.shape), mask, reduction)

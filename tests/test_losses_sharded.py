@@ -8,12 +8,15 @@ bf16 cases: the fp32 math may sum in another order across shards, so gradients, 
 bf16, may differ by one bf16 step: 2**-7 there.
 """
 
+import random
+
 import pytest
 import torch
 import torch.distributed as dist
 
 from conftest import run_ranks
-from gold_ds.losses import generalized_jsd, hybrid_uld, uld
+from gold_ds.losses import byte_prefix_jsd, generalized_jsd, hybrid_uld, uld
+from test_losses_prefix import random_events, random_vocab, tables
 
 ROWS = (3, 5)
 
@@ -55,6 +58,14 @@ def cases(gen):
     for beta in (0.0, 0.5, 1.0):
         yield f"hybrid beta={beta}", hybrid_uld, dict(ids, beta=beta, teacher_temperature=1.3, mask=mask,
                                                       chunk_size=4), 47, 61, f32
+    rng = random.Random(7)
+    (s_vocab, s_eos), (t_vocab, t_eos) = random_vocab(rng, "abcd", 45), random_vocab(rng, "abcd", 59)
+    events = [x.view(ROWS) for x in random_events(rng, 15, s_vocab, t_vocab)]
+    prefix = dict(zip(("student_fine", "skip", "student_token", "teacher_token"), events))
+    prefix.update(zip(("student_to_teacher", "teacher_to_student"), tables(s_vocab, s_eos, t_vocab, t_eos)))
+    yield "byte_prefix beta=0.5", byte_prefix_jsd, dict(prefix, teacher_temperature=1.3, mask=mask,
+                                                        chunk_size=4), 47, 61, f32
+    yield "byte_prefix beta=0", byte_prefix_jsd, dict(prefix, beta=0.0), 47, 61, f32
 
 
 def worker():
@@ -67,7 +78,7 @@ def worker():
         t = (torch.randn(*ROWS, vt, generator=gen) * 2).to(dtype)
         tol = 1e-6 if dtype == torch.float32 else 2 ** -7
         scales = {}
-        if fn is not generalized_jsd:
+        if fn in (uld, hybrid_uld):
             scales = dict(student_log_scale=torch.randn(ROWS, generator=gen) * 0.3,
                           teacher_log_scale=torch.randn(ROWS, generator=gen) * 0.3)
         full = [x.clone().requires_grad_() for x in (s, t, *scales.values())]

@@ -12,13 +12,16 @@ A batch flows through it like this (the data room calls it; torch and tokenizers
 
 Each module's docstring states its rules: ``spans`` (token families, dummy prefixes, locating a
 text in template-rendered ids), ``groups`` (boundaries, tiling, coverage), ``merge`` (why the first
-row of a group carries its distribution), ``vocab`` (which pieces are matched).
+row of a group carries its distribution), ``vocab`` (which pieces are matched), ``prefix`` (byte-prefix
+projections between vocabularies and the events ``byte_prefix_jsd`` compares).
 """
 
 from .groups import Groups, group_spans
 from .merge import merge_log_scales
+from .prefix import PrefixEvents, PrefixProjection, prefix_events, prefix_projection
 from .spans import UnsupportedTokenizerError, byte_spans, token_bytes, tokenizer_family
 from .vocab import VocabularyMap, vocabulary_map
 
 __all__ = ["byte_spans", "token_bytes", "tokenizer_family", "UnsupportedTokenizerError", "group_spans", "Groups",
-           "merge_log_scales", "vocabulary_map", "VocabularyMap"]
+           "merge_log_scales", "vocabulary_map", "VocabularyMap", "prefix_projection", "PrefixProjection",
+           "prefix_events", "PrefixEvents"]

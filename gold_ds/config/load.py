@@ -327,7 +327,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         _fail("distill.teacher_temperature", x.teacher_temperature, "expected a number > 0 (or null: the temperature)")
     if not x.cross_tokenizer and x.teacher_temperature not in (None, x.temperature):
         _fail("distill.teacher_temperature", x.teacher_temperature,
-              "jsd uses one temperature for both models (distill.temperature); leave it null or use uld/hybrid_uld")
+              "jsd uses one temperature for both models (distill.temperature); leave it null or use a cross-tokenizer loss")
     for key in ("matched_weight", "unmatched_weight"):
         w = getattr(x, key)
         if w is not None and (x.loss != "hybrid_uld" or w < 0):

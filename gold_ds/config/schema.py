@@ -94,8 +94,9 @@ class DatasetSource:
     path: Optional[str] = None
     """Local ``.json``/``.jsonl``/``.parquet`` data: a file, a glob (``shards/*.parquet``) or a directory
     of shards; else a Hugging Face hub dataset id. Relative paths are from the working directory."""
-    builtin: Optional[Literal["arithmetic", "shapes"]] = None
-    """A built-in synthetic task instead of ``path``: ``arithmetic`` (text) or ``shapes`` (images; needs
+    builtin: Optional[Literal["arithmetic", "arithmetic-words", "shapes"]] = None
+    """A built-in synthetic task instead of ``path``: ``arithmetic`` (text), ``arithmetic-words`` (its
+    answers spelled in words) or ``shapes`` (images; needs
     vision-language models)."""
     split: str = "train"
     """Split to read: a hub dataset's, a directory's (its files named by split: ``train-*``,
@@ -136,20 +137,24 @@ class DataConfig:
 
 @dataclass
 class DistillConfig:
-    loss: Literal["jsd", "uld", "hybrid_uld"] = "jsd"
+    loss: Literal["jsd", "uld", "hybrid_uld", "byte_prefix_jsd"] = "jsd"
     """Divergence between the student's and the teacher's next-token distributions. ``jsd``
     (generalized JSD, token by token) needs one shared tokenizer. ``uld`` (sorted L1) and
     ``hybrid_uld`` (JSD on the tokens both vocabularies share, matched by the bytes they stand for;
     sorted L1 on the rest) work across tokenizers: rows are compared per aligned byte span, with the
-    probabilities of multi-token spans merged by the chain rule (see ``gold_ds.align``)."""
+    probabilities of multi-token spans merged by the chain rule (see ``gold_ds.align``).
+    ``byte_prefix_jsd`` works across tokenizers too, and also where they cut words and numbers
+    differently: at every byte offset inside an aligned span it compares the finer side's
+    next-piece distribution with the coarser side's, projected through byte prefixes (see
+    ``gold_ds.losses.byte_prefix_jsd``)."""
     beta: float = 0.5
-    """Generalized JSD interpolation (``jsd``, and ``hybrid_uld``'s matched part):
+    """Generalized JSD interpolation (``jsd``, ``byte_prefix_jsd``, and ``hybrid_uld``'s matched part):
     0 = KL(teacher||student), 1 = KL(student||teacher)."""
     temperature: float = 1.0
     """The student's logits are divided by it before the loss (and the teacher's, unless
     ``teacher_temperature`` is set)."""
     teacher_temperature: Optional[float] = None
-    """The teacher's temperature for ``uld`` / ``hybrid_uld``; default ``temperature``."""
+    """The teacher's temperature across tokenizers; default ``temperature``."""
     matched_weight: Optional[float] = None
     """``hybrid_uld``: weight of the matched (JSD) part; default K / teacher vocabulary size, K the
     number of matched tokens."""
@@ -181,7 +186,7 @@ class DistillConfig:
 
     @property
     def cross_tokenizer(self) -> bool:
-        """``uld`` / ``hybrid_uld``: the student and teacher may tokenize differently (aligned by bytes)."""
+        """Every loss but ``jsd``: the student and teacher may tokenize differently (aligned by bytes)."""
         return self.loss != "jsd"
 
 

@@ -64,7 +64,7 @@ def _check_shared_vocabulary(student, teacher) -> None:
     if student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
         raise ConfigError("config key 'distill.loss': got 'jsd'; jsd compares the two models' distributions token "
                           "by token, so the student and teacher must share a tokenizer (student.model.tokenizer and "
-                          "teacher.model.tokenizer have different vocabularies): use 'uld' or 'hybrid_uld' across "
+                          "teacher.model.tokenizer have different vocabularies): use 'hybrid_uld', 'byte_prefix_jsd' or 'uld' across "
                           "tokenizers")
 
 

@@ -28,14 +28,17 @@ completion token (row ``len(prompt) - 1 + i`` of a sample predicts its completio
 groups index into that flat list.
 
 ``hybrid_uld`` compares the tokens both vocabularies share by bytes (``gold_ds.align.vocabulary_map``)
-plus the end-of-turn pair, which stands for no bytes: ``matched_vocabulary()``.
+plus the end-of-turn pair, which stands for no bytes: ``matched_vocabulary()``. ``byte_prefix_jsd``
+compares the rows of the alignment's ``events`` (``gold_ds.align.prefix_events``) through the two
+vocabularies' byte-prefix projections: ``prefix_projections()``.
 """
 import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from ..align import UnsupportedTokenizerError, byte_spans, group_spans, tokenizer_family, vocabulary_map
+from ..align import (UnsupportedTokenizerError, byte_spans, group_spans, prefix_events, prefix_projection,
+                     tokenizer_family, vocabulary_map)
 from .assembler import MicroBatch
 from .dataset import Sample
 from .render import TextSide
@@ -56,6 +59,8 @@ class Alignment:
     student_end: torch.Tensor
     teacher_start: torch.Tensor
     teacher_end: torch.Tensor
+    events: object = None
+    """``gold_ds.align.PrefixEvents``: the rows ``byte_prefix_jsd`` compares (flat row indices)."""
 
 
 def _completion_rows(sequences):
@@ -109,6 +114,13 @@ class CrossTokenizerAssembler:
             s_ids, t_ids = torch.cat([s_ids, torch.tensor([s_eos])]), torch.cat([t_ids, torch.tensor([t_eos])])
         return s_ids, t_ids, vmap.match_rate
 
+    def prefix_projections(self) -> tuple:
+        """(student -> teacher, teacher -> student) ``gold_ds.align.PrefixProjection`` (for
+        ``byte_prefix_jsd``; the end-of-turn tokens map to each other)."""
+        s, t = self.student, self.teacher
+        return (prefix_projection(s.tokenizer, t.tokenizer, s.eos, t.eos),
+                prefix_projection(t.tokenizer, s.tokenizer, t.eos, s.eos))
+
     # ---------------------------------------------------------------------------------- interface
     def teacher_prompt_ids(self, row: Sample) -> list:
         return self.teacher.encode_prompt(row.example)
@@ -157,15 +169,20 @@ class CrossTokenizerAssembler:
         t_first = torch.cat([t_off[groups.sequence] + groups.teacher_start, t_off[eot[:, 0]] + eot[:, 2]])
         t_end = torch.cat([t_off[groups.sequence] + groups.teacher_end, t_off[eot[:, 0]] + eot[:, 2] + 1])
         student = self.student.batch(samples)
+        byte_groups = len(groups)
         if counted is not None:
             keep = sample < counted
+            byte_groups = int(keep[:byte_groups].sum())
             s_first, s_end, t_first, t_end = s_first[keep], s_end[keep], t_first[keep], t_end[keep]
             student["loss_mask"][counted:] = False
         s_rows, s_tokens = _completion_rows(s_seqs)
         t_rows, t_tokens = _completion_rows([(s.prompt_ids, s.completion_ids) for s in t_samples])
+        events = prefix_events(self.student.tokenizer, self.teacher.tokenizer, s_tokens, t_tokens,
+                               torch.cat(s_spans).view(-1, 2), torch.cat(t_spans).view(-1, 2), s_first, s_end,
+                               t_first, t_end, byte_groups)
         alignment = Alignment(student_rows=s_rows, student_tokens=s_tokens, teacher_rows=t_rows,
                               teacher_tokens=t_tokens, student_start=s_first, student_end=s_end,
-                              teacher_start=t_first, teacher_end=t_end)
+                              teacher_start=t_first, teacher_end=t_end, events=events)
         counters = {"align/covered_bytes": int(groups.covered_bytes.sum()),
                     "align/total_bytes": int(groups.total_bytes.sum()),
                     "align/groups": len(s_first), "align/unaligned_samples": unaligned}

@@ -327,7 +327,7 @@ def _check_same_family(s, t, s_cfg, t_cfg) -> None:
         raise ConfigError(
             f"distill.loss='jsd' with a cross-family VLM pair (student processor {s_cfg.processor!r}, teacher "
             f"processor {t_cfg.processor!r} have different vocabularies): jsd compares the two models token by "
-            "token; use distill.loss='uld' or 'hybrid_uld' for models of different families")
+            "token; use a cross-tokenizer distill.loss ('hybrid_uld', 'byte_prefix_jsd', 'uld') for models of different families")
     s_n, t_n = s.image_tokens(_PROBE_SIZES), t.image_tokens(_PROBE_SIZES)
     s_ids, t_ids = s._render(_PROBE, True), t._render(_PROBE, True)
     if s.image_token_id != t.image_token_id or s_n != t_n or s_ids != t_ids:
@@ -337,4 +337,4 @@ def _check_same_family(s, t, s_cfg, t_cfg) -> None:
             f"teacher's as {t.image_token!r} (id {t.image_token_id}) x {t_n}"
             + ("" if s_ids == t_ids else ", and their chat templates render a prompt differently")
             + "; jsd needs identical inputs on both sides: give both models the same processor "
-            "(student.model.processor = teacher.model.processor), or use distill.loss='uld' / 'hybrid_uld'")
+            "(student.model.processor = teacher.model.processor), or use a cross-tokenizer distill.loss ('hybrid_uld', 'byte_prefix_jsd', 'uld')")

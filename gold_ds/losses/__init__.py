@@ -1,4 +1,5 @@
-"""GOLD distillation losses: generalized JSD, ULD and hybrid ULD, chunked and vocab-shardable.
+"""GOLD distillation losses: generalized JSD, ULD, hybrid ULD and byte-prefix JSD, chunked and
+vocab-shardable.
 
 Imports torch only. Every loss takes logits ``[..., V]`` (one row per aligned position or merged
 span), an optional row ``mask`` and a ``reduction`` ("mean" or "sum" over counted rows; "mean" over
@@ -40,12 +41,15 @@ agree and to learn the global vocabulary sizes (chunk size, id ranges, the all_t
   inverse all_to_all (only for inputs that need one), and one SUM all_reduce of [3, n] shares the
   row losses and log-scale gradients. The one exception to "no rank holds a full-vocabulary row":
   a rank transiently holds ~chunk_size/W whole rows. hybrid_uld's ids are global; on whole rows
-  they index directly, so the matched part rides along in the same exchange.
+  they index directly, so the matched part rides along in the same exchange. byte_prefix_jsd
+  projects a row through a scatter over its whole vocabulary, so it takes the same layout.
 """
 
 from .jsd import generalized_jsd
-from .linear import linear_generalized_jsd, linear_hybrid_uld, linear_token_logprobs, linear_uld
+from .linear import (linear_byte_prefix_jsd, linear_generalized_jsd, linear_hybrid_uld, linear_token_logprobs,
+                     linear_uld)
+from .prefix import byte_prefix_jsd
 from .uld import hybrid_uld, uld
 
-__all__ = ["generalized_jsd", "uld", "hybrid_uld", "linear_generalized_jsd", "linear_uld", "linear_hybrid_uld",
-           "linear_token_logprobs"]
+__all__ = ["generalized_jsd", "uld", "hybrid_uld", "byte_prefix_jsd", "linear_generalized_jsd", "linear_uld",
+           "linear_hybrid_uld", "linear_byte_prefix_jsd", "linear_token_logprobs"]

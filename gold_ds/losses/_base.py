@@ -180,7 +180,7 @@ class _ChunkedLoss(torch.autograd.Function):
 
 
 def chunked_loss(kernel, student, teacher, student_log_scale, teacher_log_scale, mask, reduction, chunk_size,
-                 heads=(None, None), kernel_rows=None):
+                 heads=(None, None), kernel_rows=None, row_data=None):
     """Apply ``kernel`` to the counted rows, ``chunk_size`` rows at a time; return the reduced loss.
 
     kernel(s, t, s_scale, t_scale, need, weight) gets fp32 [n, Vs_local], [n, Vt_local] and fp32 [n]
@@ -195,7 +195,9 @@ def chunked_loss(kernel, student, teacher, student_log_scale, teacher_log_scale,
     vocabulary group the hidden-state gradient is this rank's slice's contribution (the
     column-parallel convention: sum it over the group). ``kernel_rows``: the kernel then runs on
     sub-chunks of that many rows (the head's matmuls want many rows, the kernel's elementwise passes
-    want blocks that stay in cache); the logits' gradient overwrites the logits.
+    want blocks that stay in cache); the logits' gradient overwrites the logits. ``row_data``: a list
+    of flat [rows] tensors (per-row integers a kernel needs, no gradient); the kernel then gets
+    ``data=`` those tensors' entries for its rows.
     """
     inputs = (student, teacher, student_log_scale, teacher_log_scale)
     params = [t for h in heads for t in ((None, None) if h is None else (h.weight, h.bias))]
@@ -229,8 +231,9 @@ def chunked_loss(kernel, student, teacher, student_log_scale, teacher_log_scale,
             chunk_grads = [None] * 4
             for a in range(0, n, step):  # the kernel on sub-chunks: its dozen passes stay in cache
                 b = min(a + step, n)
+                extra = {} if row_data is None else {"data": [x[rows][a:b] for x in row_data]}
                 row_loss, *g = kernel(*(x[a:b] for x in logits), *(None if x is None else x[a:b] for x in scales),
-                                      kernel_need, weight)
+                                      kernel_need, weight, **extra)
                 total += row_loss.sum(dtype=torch.float64)
                 if step == n:
                     chunk_grads = g

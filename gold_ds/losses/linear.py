@@ -1,6 +1,6 @@
 """The losses from hidden states and output heads (fused): no [rows, V] logits tensor outlives a chunk.
 
-``linear_generalized_jsd``, ``linear_uld`` and ``linear_hybrid_uld`` take each side's final hidden
+``linear_generalized_jsd``, ``linear_uld``, ``linear_hybrid_uld`` and ``linear_byte_prefix_jsd`` take each side's final hidden
 states (after the model's final norm) and its head (``weight`` [V_local, H], optional ``bias``,
 ``logit_scale`` and ``softcap``: logits = softcap(logit_scale * (hidden @ weight.T + bias)), the
 forms real checkpoints use: Cohere's ``logit_scale``, Gemma 2/3's ``final_logit_softcapping``). Per
@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from . import _base
 from .jsd import jsd_loss
+from .prefix import byte_prefix_jsd_loss
 from .uld import _check_pair, hybrid_uld_loss, uld_loss
 
 # Bytes of one fp32 [chunk_size, V_local] logits block when chunk_size is chosen automatically (the
@@ -128,6 +129,26 @@ def linear_hybrid_uld(student_hidden, student_weight, teacher_hidden, teacher_we
     return hybrid_uld_loss(student_hidden, teacher_hidden, student_ids, teacher_ids, beta=beta,
                            matched_weight=matched_weight, unmatched_weight=unmatched_weight, **options,
                            every=every, heads=heads)
+
+
+def linear_byte_prefix_jsd(student_hidden, student_weight, teacher_hidden, teacher_weight, student_fine, skip,
+                           student_token, teacher_token, student_to_teacher, teacher_to_student, *, beta=0.5,
+                           student_temperature=1.0, teacher_temperature=1.0, mask=None, reduction="sum", group=None,
+                           chunk_size=None, student_bias=None, teacher_bias=None, student_logit_scale=1.0,
+                           teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None):
+    """:func:`gold_ds.losses.byte_prefix_jsd` of the two heads' logits, from hidden states (the
+    per-row tensors and tables as there). See the module docstring for the heads' options and ``group``."""
+    options = dict(locals(), student_log_scale=None, teacher_log_scale=None)
+    for k in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight", "student_fine", "skip",
+              "student_token", "teacher_token", "student_to_teacher", "teacher_to_student", "beta"):
+        options.pop(k)
+    _base.check_beta(beta)
+    heads, every = _pair(student_hidden, student_weight, teacher_hidden, teacher_weight, options)
+    for k in ("student_log_scale", "teacher_log_scale"):
+        options.pop(k)
+    return byte_prefix_jsd_loss(student_hidden, teacher_hidden, student_fine, skip, student_token, teacher_token,
+                                student_to_teacher, teacher_to_student, beta=beta, **options, every=every,
+                                heads=heads)
 
 
 class _TokenLogprobs(torch.autograd.Function):

@@ -56,7 +56,8 @@ def _grads(need, weight, r_b, p_s, ts, r_a, p_t, tt):
 
 
 def _row_layout(kernel, group, every):
-    """Wrap a whole-row kernel so that it runs on vocab-sharded chunks (called by every rank)."""
+    """Wrap a whole-row kernel so that it runs on vocab-sharded chunks (called by every rank); a
+    kernel's per-row ``data`` (see ``_base.chunked_loss``) follows its rows."""
     if group is None:
         return kernel
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -78,14 +79,15 @@ def _row_layout(kernel, group, every):
                                [counts[rank] * v for v in sizes], group=group)
         return out.view(sum(counts), sizes[rank])
 
-    def sharded(s, t, s_scale, t_scale, need, weight):
+    def sharded(s, t, s_scale, t_scale, need, weight, **extra):
         n = s.shape[0]
         counts = [n // world + (q < n % world) for q in range(world)]
         lo = sum(counts[:rank])
         hi = lo + counts[rank]
         loss, g_s, g_t, g_cs, g_ct = kernel(
             to_rows(s, vocab[0], counts), to_rows(t, vocab[1], counts),
-            None if s_scale is None else s_scale[lo:hi], None if t_scale is None else t_scale[lo:hi], need, weight)
+            None if s_scale is None else s_scale[lo:hi], None if t_scale is None else t_scale[lo:hi], need, weight,
+            **{k: [x[lo:hi] for x in v] for k, v in extra.items()})  # per-row data: this rank's rows
         scalars = s.new_zeros(3, n)  # row loss and the two log-scale gradients, gathered by a SUM
         scalars[0, lo:hi] = loss
         if g_cs is not None:

@@ -24,6 +24,11 @@ per student completion token whatever the loss:
   tokens, passed to the loss as a per-row log scale (``gold_ds.align.merge_log_scales``), on both
   sides, at each side's temperature. Tokens outside any group add no divergence (the alignment
   coverage metric says how many bytes are covered) but still count in N.
+- ``byte_prefix_jsd`` (any two tokenizers): one divergence row per comparison event inside the aligned
+  groups (``gold_ds.align.prefix_events``: every byte offset where one side starts a token that
+  ends within the other's covering token, and the end-of-turn pair); each event compares the finer
+  side's row with the coarser side's row projected through byte prefixes
+  (``gold_ds.losses.byte_prefix_jsd``). No merged log scales.
 
 How the logits are formed (``distill.logits``):
 - ``full``: each model's own forward gives [B, T, V] logits on every rank; the loss runs on this
@@ -46,8 +51,8 @@ import torch.nn.functional as F
 from ..align import merge_log_scales
 from ..data import concat_batches
 from ..engine.heads import HeadSlice, final_hidden_states, head_spec
-from ..losses import (generalized_jsd, hybrid_uld, linear_generalized_jsd, linear_hybrid_uld, linear_token_logprobs,
-                      linear_uld, uld)
+from ..losses import (byte_prefix_jsd, generalized_jsd, hybrid_uld, linear_byte_prefix_jsd, linear_generalized_jsd,
+                      linear_hybrid_uld, linear_token_logprobs, linear_uld, uld)
 from .collective import RowGather
 
 
@@ -179,8 +184,20 @@ class CrossTokenizerObjective:
         options = dict(student_temperature=self.ts, teacher_temperature=self.tt, reduction="sum")
         if self.heads is not None:
             options["group"] = dist.group.WORLD
+        self.prefix = distill.loss == "byte_prefix_jsd"
         full, fused = (hybrid_uld, linear_hybrid_uld) if distill.loss == "hybrid_uld" else (uld, linear_uld)
-        if distill.loss == "hybrid_uld":
+        if self.prefix:
+            dev = student.device
+            tables = [(p.key.to(dev), p.piece.to(dev)) for p in assembler.prefix_projections()]
+            reach = [float((p >= 0).any(0).float().mean()) for _, p in tables]
+            log(f"[gold_ds] byte_prefix_jsd projections: {reach[0]:.1%} of the student's tokens map to a teacher "
+                f"piece, {reach[1]:.1%} of the teacher's to a student piece (tables [{tables[0][0].shape[0]}, "
+                f"{self.vs}] and [{tables[1][0].shape[0]}, {self.vt}])")
+            options.update(beta=distill.beta)
+            self.divergence = lambda s, t, *heads, events, **kw: (
+                linear_byte_prefix_jsd(s, heads[0], t, heads[1], *events, *tables, **options, **kw) if heads
+                else byte_prefix_jsd(s, t, *events, *tables, **options, **kw))
+        elif distill.loss == "hybrid_uld":
             s_ids, t_ids, match_rate = assembler.matched_vocabulary()
             log(f"[gold_ds] hybrid_uld vocabulary map: {s_ids.numel()} token pairs ({match_rate:.1%} of the "
                 f"teacher's {self.vt} tokens match by bytes; the end-of-turn pair included)")
@@ -201,11 +218,21 @@ class CrossTokenizerObjective:
         targets = self._sharded_teacher_targets if self.heads is not None else self._teacher_targets
         return [targets(mb, out) for mb, out in zip(micro_batches, outputs)]
 
+    @staticmethod
+    def _event_data(a, dev):
+        """The per-row arguments of ``byte_prefix_jsd`` for the alignment's events."""
+        e = a.events
+        return (e.student_fine.to(dev), e.skip.to(dev), a.student_tokens.to(dev)[e.student_row.to(dev)],
+                a.teacher_tokens.to(dev)[e.teacher_row.to(dev)])
+
     def _teacher_targets(self, mb, t_logits):
         a, dev = mb.alignment, self.student.device
         t_start, t_end = a.teacher_start.to(dev), a.teacher_end.to(dev)
         _check_vocab(t_logits, self.vt, "teacher")
         rows = a.teacher_rows.to(t_logits.device)
+        if self.prefix:
+            rows = rows[a.events.teacher_row.to(rows.device)]
+            return t_logits[rows[:, 0], rows[:, 1], :self.vt].to(dev)
         t_rows = t_logits[rows[:, 0], rows[:, 1], :self.vt].to(dev)
         del t_logits
         t_scale = merge_log_scales(t_rows, a.teacher_tokens.to(dev), t_start, t_end, self.tt)
@@ -221,7 +248,10 @@ class CrossTokenizerObjective:
         s_rows = s_logits[rows[:, 0], rows[:, 1], :self.vs]
         tokens = a.student_tokens.to(dev)
         loss = 0.0
-        if self.w_div:
+        if self.w_div and self.prefix:
+            loss = self.w_div * self.divergence(s_rows[a.events.student_row.to(dev)], targets,
+                                                events=self._event_data(a, dev))
+        elif self.w_div:
             s_start, s_end = a.student_start.to(dev), a.student_end.to(dev)
             s_scale = merge_log_scales(s_rows, tokens, s_start, s_end, self.ts)
             t_first, t_scale = targets
@@ -248,6 +278,11 @@ class CrossTokenizerObjective:
 
     def _sharded_teacher_targets(self, mb, states):
         a = mb.alignment
+        if self.prefix:  # the teacher's hidden state at every event's row
+            e = a.events
+            _, hidden, _, rows, _ = self._gathered(states, a.teacher_rows, a.teacher_tokens, e.teacher_row,
+                                                   e.teacher_row + 1)
+            return hidden[rows]
         _, hidden, tokens, start, end = self._gathered(states, a.teacher_rows, a.teacher_tokens, a.teacher_start,
                                                        a.teacher_end)
         weight, bias = self.heads.teacher.weight(), self.heads.teacher.bias()
@@ -255,15 +290,20 @@ class CrossTokenizerObjective:
         return hidden[start], _inner_sum(logp, start, end)
 
     def _sharded_loss(self, mb, targets):
-        a = mb.alignment
+        a, dev = mb.alignment, self.student.device
+        start, end = (a.events.student_row, a.events.student_row + 1) if self.prefix else (a.student_start, a.student_end)
         rows, hidden, tokens, start, end = self._gathered(final_hidden_states(self.student, mb.student),
-                                                          a.student_rows, a.student_tokens, a.student_start,
-                                                          a.student_end)
+                                                          a.student_rows, a.student_tokens, start, end)
         s_weight, t_weight, heads = self.heads.slices()
         s_bias = heads["student_bias"]
         loss = 0.0
         logp = None
-        if self.w_div:
+        if self.w_div and self.prefix:  # every rank's events, in rank order (as their rows)
+            every = RowGather(len(a.events), dev)
+            data = [every.gather(x.long()) for x in self._event_data(a, dev)]
+            data[0] = data[0].bool()
+            loss = self.w_div * self.divergence(hidden[start], targets, s_weight, t_weight, events=data, **heads)
+        elif self.w_div:
             logp = self.heads.token_logprobs(self.heads.student, hidden, s_weight, s_bias, tokens, self.ts)
             t_first, t_scale = targets
             loss = self.w_div * self.divergence(hidden[start], t_first, s_weight, t_weight,
@@ -272,7 +312,6 @@ class CrossTokenizerObjective:
         if self.w_ce:
             if logp is None or self.ts != 1.0:
                 logp = self.heads.token_logprobs(self.heads.student, hidden, s_weight, s_bias, tokens, 1.0)
-            dev = self.student.device
             src = a.student_rows.to(dev)
             counted = rows.gather(mb.student["loss_mask"].to(dev)[src[:, 0], src[:, 1]])
             loss = loss - self.w_ce * logp[counted].sum()

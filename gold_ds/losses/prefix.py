@@ -1,0 +1,182 @@
+"""Byte-prefix JSD: a divergence between two models of different tokenizers that compares, at each
+position, what both of them can say about the next bytes.
+
+Why. Where one tokenizer says in one token what the other spells in several (``circle`` against
+``c i r c l e``; ``139`` against ``13 9``), the row-level cross-tokenizer losses compare rows that do
+not talk about the same thing: ``hybrid_uld`` compares the student's probability of its first piece
+``c`` with the teacher's probability of the *token* ``c``, which a teacher that says ``circle`` gives
+almost none; ``uld`` sorts the probabilities and so never says which token is right. What both
+models do define is a distribution over the next *bytes*: a teacher that gives ``circle`` 0.6 and
+``cat`` 0.3 says the next byte is ``c`` with probability 0.9, then ``i`` after ``c`` with 2/3.
+
+What. We compare next-piece distributions on the finer of the two tokenizations, by projecting the
+coarser side's distribution through byte prefixes (a sparse, fixed projection between the
+vocabularies, in the spirit of X-Token's, arXiv 2605.21699, and of byte-level marginalization of
+token distributions, Phan et al. 2024, "exact byte-level probabilities from tokenized language
+models"). Per row (an *event*: ``gold_ds.align.prefix_events`` builds them from aligned groups):
+
+* the fine side's row gives p_F = softmax(z_F / T_F) over its vocabulary V_F;
+* the coarse side's row gives p_C = softmax(z_C / T_C) over V_C, and the coarse side has already
+  spelled ``skip`` bytes c of its actual token u*; with the projection tables
+  (``gold_ds.align.prefix_projection``) key[skip, u] (the prefix b(u)[:skip]) and piece[skip, u]
+  (the fine side's longest piece that begins the rest b(u)[skip:]), the members are
+  M = {u : key[skip, u] = key[skip, u*], piece[skip, u] >= 0}: the tokens that continue what was
+  spelled. Their projection q_C(v) = sum_{u in M, piece[skip, u] = v} p_C(u) / sum_{u in M} p_C(u)
+  is the coarse side's probability that the fine side's next piece is v, given the bytes so far;
+* both are compared on the support S = {piece[skip, u] : u in M} (what both sides can say: a fine
+  piece no member maps to has no counterpart on the coarse side at this position), p_F renormalized
+  on S, by the generalized JSD of ``generalized_jsd`` with ``beta`` (teacher a, student b: beta 0 is
+  KL(teacher || student), beta 1 KL(student || teacher)).
+
+Approximations, stated: a coarse token shorter than the spelled prefix (``c`` when ``ci`` was
+spelled) continues on a row nobody computed, so it is left out of M (and p_C renormalized without
+it); a coarse token's rest is credited to the fine side's *longest* piece that begins it, which is
+the fine tokenizer's first piece for greedy longest-match tokenizers and an approximation for
+others (BPE may split a rest differently).
+
+Properties (tests/test_losses_prefix.py): with one tokenizer the projection is the identity, every
+event has skip 0, S is the whole vocabulary, and the loss is ``generalized_jsd`` exactly; it is 0
+when the two sides' distributions over byte strings agree; its gradient is that of the formula.
+
+Rows: one per event; the caller sums them (``reduction``). The gradient comes from autograd on each
+chunk (the projection is a scatter, whose closed form would repeat autograd's), stored by the
+chunking base like the other losses'. Vocabulary shards: as ``uld``, each chunk moves to a
+row-sharded layout (one all_to_all per input), the whole-row kernel runs there, and gradients come
+back the same way.
+"""
+
+import torch
+
+from . import _base
+from .uld import _check_pair, _row_layout
+
+_NEG = -1e30  # a finite "minus infinity": rows without members stay NaN-free in forward and backward
+
+
+def _projected(lc, key, piece, skip, token, fine_vocab):
+    """(log q [n, V_F], support [n, V_F] bool) of the coarse rows' log-probabilities ``lc`` [n, V_C]."""
+    k, p = key[skip], piece[skip]                                     # [n, V_C]
+    want = key[skip, token]                                           # [n] the spelled prefix
+    member = (k == want[:, None]) & (p >= 0) & (want >= 0)[:, None]
+    top = lc.masked_fill(~member, _NEG).amax(-1, keepdim=True)
+    w = (lc - top).masked_fill(~member, _NEG).exp()
+    index = p.clamp(min=0)
+    q = w.new_zeros(w.shape[0], fine_vocab).scatter_add(1, index, w)
+    support = torch.zeros_like(q).scatter_add_(1, index, member.float()) > 0
+    tiny = torch.finfo(q.dtype).tiny
+    log_q = q.clamp_min(tiny).log() - w.sum(-1, keepdim=True).clamp_min(tiny).log()
+    return log_q, support
+
+
+def _restricted(lf, support):
+    """log p_F renormalized on ``support``."""
+    return lf - lf.masked_fill(~support, _NEG).logsumexp(-1, keepdim=True)
+
+
+def _divergence(la, lb, support, beta):
+    """Generalized JSD per row between teacher a and student b (log values on ``support``, 0 off it)."""
+    la, lb = la.masked_fill(~support, 0.0), lb.masked_fill(~support, 0.0)
+    a, b = la.exp() * support, lb.exp() * support
+    if beta == 0.0:
+        return (a * (la - lb)).sum(-1)
+    if beta == 1.0:
+        return (b * (lb - la)).sum(-1)
+    lm = (a * beta + b * (1.0 - beta)).clamp_min(torch.finfo(a.dtype).tiny).log()
+    return (a * (la - lm) * beta + b * (lb - lm) * (1.0 - beta)).sum(-1)
+
+
+def _row_losses(s, t, student_fine, skip, student_token, teacher_token, s_to_t, t_to_s, ts, tt, beta):
+    """[n] losses of whole rows s [n, Vs], t [n, Vt] (fp32, differentiable)."""
+    ls = torch.log_softmax(s / ts if ts != 1.0 else s, -1)
+    lt = torch.log_softmax(t / tt if tt != 1.0 else t, -1)
+    loss = s.new_zeros(s.shape[0])
+    fine = student_fine.nonzero().squeeze(1)
+    if fine.numel():  # compared over the student's vocabulary: the teacher is projected
+        lq, support = _projected(lt[fine], *t_to_s, skip[fine], teacher_token[fine], s.shape[1])
+        loss = loss.index_put((fine,), _divergence(lq, _restricted(ls[fine], support), support, beta))
+    coarse = (~student_fine).nonzero().squeeze(1)
+    if coarse.numel():  # over the teacher's vocabulary: the student is projected
+        lq, support = _projected(ls[coarse], *s_to_t, skip[coarse], student_token[coarse], t.shape[1])
+        loss = loss.index_put((coarse,), _divergence(_restricted(lt[coarse], support), lq, support, beta))
+    return loss
+
+
+def _check_tables(name, table, vocab, device):
+    key, piece = table
+    for part, x in (("key", key), ("piece", piece)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != vocab or x.dtype != torch.long:
+            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else repr(x)
+            raise ValueError(f"{name} {part} must be an int64 [D, {vocab}] tensor; got {got}")
+    return key.to(device), piece.to(device)
+
+
+def byte_prefix_jsd(student_logits, teacher_logits, student_fine, skip, student_token, teacher_token,
+                    student_to_teacher, teacher_to_student, *, beta=0.5, student_temperature=1.0,
+                    teacher_temperature=1.0, mask=None, reduction="mean", group=None, chunk_size=None):
+    """Byte-prefix JSD per row (module docstring), reduced over the counted rows.
+
+    ``student_logits`` [..., Vs], ``teacher_logits`` [..., Vt]: each row is one event's pair of rows.
+    Per row ([...] tensors): ``student_fine`` (bool: compared over the student's vocabulary),
+    ``skip`` (bytes of the coarse side's token already spelled), ``student_token`` and
+    ``teacher_token`` (each side's actual token at its row; the coarse side's names the spelled
+    prefix). ``student_to_teacher``: (key, piece) int64 [D, Vs] projecting the student's vocabulary
+    onto the teacher's pieces (``gold_ds.align.prefix_projection``); ``teacher_to_student`` the other
+    way. Other arguments as in :func:`gold_ds.losses.uld` (``group``: vocabulary shards).
+    """
+    _check_pair(student_logits, teacher_logits, student_temperature, teacher_temperature, None, None, mask,
+                reduction, chunk_size)
+    _base.check_beta(beta)
+    every = _base.vocab_sizes(group, student_logits.shape[:-1].numel(), student_logits.shape[-1],
+                              teacher_logits.shape[-1])
+    return byte_prefix_jsd_loss(student_logits, teacher_logits, student_fine, skip, student_token, teacher_token,
+                                student_to_teacher, teacher_to_student, beta=beta,
+                                student_temperature=student_temperature, teacher_temperature=teacher_temperature,
+                                mask=mask, reduction=reduction, group=group, chunk_size=chunk_size, every=every)
+
+
+def byte_prefix_jsd_loss(student, teacher, student_fine, skip, student_token, teacher_token, student_to_teacher,
+                         teacher_to_student, *, beta, student_temperature, teacher_temperature, mask, reduction,
+                         group, chunk_size, every, heads=(None, None), kernel_rows=None):
+    """The chunked byte-prefix JSD of checked logits (or hidden states with ``heads``, see ``_base``);
+    the per-row tensors and tables are checked here."""
+    vs, vt = sum(e[1] for e in every), sum(e[2] for e in every)
+    device = student.device
+    s_to_t = _check_tables("student_to_teacher", student_to_teacher, vs, device)
+    t_to_s = _check_tables("teacher_to_student", teacher_to_student, vt, device)
+    rows = student.shape[:-1]
+    data = []
+    for name, x in (("student_fine", student_fine), ("skip", skip), ("student_token", student_token),
+                    ("teacher_token", teacher_token)):
+        if not isinstance(x, torch.Tensor) or x.shape != rows:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else repr(x)
+            raise ValueError(f"{name} must be a tensor shaped like the rows {tuple(rows)}; got {got}")
+        data.append(x.reshape(-1).to(device))
+    data[0] = data[0].bool()
+    data[1:] = [x.long() for x in data[1:]]
+    if data[1].numel() and (int(data[1].min()) < 0):
+        raise ValueError(f"skip must be >= 0; got {int(data[1].min())}")
+    for name, x, vocab in (("student_token", data[2], vs), ("teacher_token", data[3], vt)):
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
+            raise ValueError(f"{name} must lie in [0, {vocab}); got [{int(x.min())}, {int(x.max())}]")
+    # a skip past a table's depth has no member (the coarse token is longer than the table knows)
+    depth = torch.where(data[0], t_to_s[0].shape[0], s_to_t[0].shape[0])
+    too_long = data[1] >= depth
+    data[1] = torch.where(too_long, 0, data[1])
+    ts, tt, beta = float(student_temperature), float(teacher_temperature), float(beta)
+
+    def kernel(s, t, s_scale, t_scale, need, weight, data):
+        fine, sk, s_tok, t_tok, cut = data
+        with torch.enable_grad():
+            s_in = s.detach().requires_grad_(need[0])
+            t_in = t.detach().requires_grad_(need[1])
+            loss = _row_losses(s_in, t_in, fine, sk, s_tok, t_tok, s_to_t, t_to_s, ts, tt, beta)
+            loss = torch.where(cut, 0.0, loss)
+            wanted = [x for x, n in ((s_in, need[0]), (t_in, need[1])) if n]
+            grads = list(torch.autograd.grad(loss.sum() * weight, wanted)) if wanted else []
+        g_s = grads.pop(0) if need[0] else None
+        g_t = grads.pop(0) if need[1] else None
+        return loss.detach(), g_s, g_t, None, None
+
+    return _base.chunked_loss(_row_layout(kernel, group, every), student, teacher, None, None, mask, reduction,
+                              _base.auto_chunk_size(chunk_size, max(vs, vt)), heads, kernel_rows,
+                              row_data=[*data, too_long])
