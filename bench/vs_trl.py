@@ -18,7 +18,7 @@ Held equal on both sides
 - Models: from configs with fixed init seeds, saved once with ``save_pretrained`` (tokenizers beside
   them), loaded by both from those directories, fp32. Students: the students of
   ``ds_configs/demo-cpu.json`` (pair ``same``) and ``ds_configs/demo-cross-tokenizer-cpu.json``
-  (pair ``cross``, with the vocabulary of ``cross_student_tokenizer()``: a byte-level BPE of 320
+  (pair ``cross``, with the vocabulary of ``builtin:arithmetic-merged-digits``: a byte-level BPE of 320
   tokens that merges digit runs, ``[INST]`` template; TRL's cross-tokenizer ULD accepts byte-level
   tokenizers only, so the preset's Unigram tokenizer cannot be used). Teacher (both pairs): Qwen2, vocab 274,
   hidden 160, intermediate 640, 2 layers, 4 heads / 4 kv heads, ~0.9M parameters, untied,
@@ -115,31 +115,9 @@ def _model_dirs(pair: str) -> tuple:
     return os.path.join(WORK, "models", PAIRS[pair]["student"]), os.path.join(WORK, "models", "teacher")
 
 
-def cross_student_tokenizer():
-    """The cross pair's student tokenizer: a byte-level BPE (TRL's cross-tokenizer ULD accepts only
-    byte-level tokenizers, so ``builtin:arithmetic-unigram`` cannot be used) that differs from the
-    teacher's ``builtin:arithmetic`` in every way the alignment sees: GPT-2's pre-tokenizer regex (digit
-    runs merge: ``173`` can be one token), merges learned on the task's text, other special tokens
-    and the ``[INST]`` chat template. Deterministic."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    from gold_ds.data.builtin import builtin_rows
-    from gold_ds.data.tasks import INST_TEMPLATE
-    specials = ["<pad>", "<s>", "</s>", "[INST]", "[/INST]", "[SYS]", "[/SYS]"]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials, min_frequency=2, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = [m["content"] for r in builtin_rows("arithmetic", "train", 2000, seed=0) for m in r["messages"]]
-    tokenizer.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   chat_template=INST_TEMPLATE)
-
-
 def _save_model(spec: dict, tokenizer_name: str, seed: int, out: str) -> None:
     """A randomly initialized model from ``spec`` (seeded; its vocabulary sized to the tokenizer's) and
-    its tokenizer (builtin, or ``bench:cross-student``), saved to ``out``; kept when ``out`` already
+    its builtin tokenizer, saved to ``out``; kept when ``out`` already
     holds the same spec."""
     stamp = json.dumps({"config": spec, "tokenizer": tokenizer_name, "seed": seed}, sort_keys=True)
     if os.path.exists(os.path.join(out, "bench-spec.json")):
@@ -149,7 +127,7 @@ def _save_model(spec: dict, tokenizer_name: str, seed: int, out: str) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from gold_ds.data.builtin import builtin_tokenizer
-    tokenizer = cross_student_tokenizer() if tokenizer_name == "bench:cross-student" else builtin_tokenizer(tokenizer_name)
+    tokenizer = builtin_tokenizer(tokenizer_name)
     kw = dict(spec, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
               bos_token_id=tokenizer.bos_token_id)
     config = AutoConfig.for_model(kw.pop("model_type"), **kw)
@@ -167,7 +145,7 @@ def build_models(pairs: list) -> None:
     for pair in pairs:
         with open(os.path.join(ROOT, PAIRS[pair]["preset"])) as f:
             student = json.load(f)["student"]["model"]
-        tokenizer = "bench:cross-student" if pair == "cross" else student["tokenizer"].split(":", 1)[1]
+        tokenizer = "arithmetic-merged-digits" if pair == "cross" else student["tokenizer"].split(":", 1)[1]
         _save_model(student["config"], tokenizer, student["init_seed"],
                     _model_dirs(pair)[0])
 

@@ -82,12 +82,28 @@ def exact_match(prediction: str, answer: str) -> bool:
     return prediction.strip() == answer.strip()
 
 
-def train_arithmetic_tokenizer() -> PreTrainedTokenizerFast:
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def spell_digits(number: str) -> str:
+    """``"139"`` -> ``"one three nine"``: the answers of the ``arithmetic-words`` task."""
+    return " ".join(DIGIT_WORDS[int(d)] for d in number)
+
+
+def arithmetic_words_row(row: dict) -> dict:
+    """An arithmetic row whose answer is spelled digit by digit in words (``37+48=`` -> ``eight
+    five``), so that a tokenizer with a token per word and one that spells letters cut it differently."""
+    answer = spell_digits(row["answer"])
+    return {"messages": [row["messages"][0], {"role": "assistant", "content": answer}], "answer": answer}
+
+
+def train_arithmetic_tokenizer(words: bool = False) -> PreTrainedTokenizerFast:
     """A byte-level BPE, deterministic. Ids 0, 1, 2 are `<|endoftext|>` (pad), `<|im_start|>`,
     `<|im_end|>` (eos: the end of a turn), then the 256 bytes, then the merges learned from the corpus.
     Digits and operators are pre-tokenized apart, so they never merge: the corpus is the chat role
-    names, which become single tokens (274 tokens in all). No BOS is added. Carries
-    `CHATML_TEMPLATE`."""
+    names, which become single tokens (274 tokens in all). With ``words`` the corpus also holds the
+    digit words, so that ``eight`` and `` five`` are single tokens too (the ``arithmetic-words``
+    teacher's tokenizer). No BOS is added. Carries `CHATML_TEMPLATE`."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
@@ -102,7 +118,10 @@ def train_arithmetic_tokenizer() -> PreTrainedTokenizerFast:
         min_frequency=1,
         show_progress=False,
     )
-    tokenizer.train_from_iterator(["system", "user", "assistant"], trainer=trainer)
+    corpus = ["system", "user", "assistant"]
+    if words:
+        corpus += list(DIGIT_WORDS) + [" ".join(DIGIT_WORDS)] * 2
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         pad_token=PAD_TOKEN,
@@ -111,6 +130,37 @@ def train_arithmetic_tokenizer() -> PreTrainedTokenizerFast:
         unk_token=None,
         chat_template=CHATML_TEMPLATE,
     )
+
+
+def _inst_byte_level(vocab_size: int, corpus: list) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with GPT-2's pre-tokenizer regex (digit runs stay together), merges learned
+    from ``corpus`` (pairs seen at least twice, up to ``vocab_size``), the special tokens ``<pad>``
+    ``<s>`` ``</s>`` (eos) ``[INST]`` ``[/INST]`` ``[SYS]`` ``[/SYS]`` and ``INST_TEMPLATE``."""
+    specials = ["<pad>", "<s>", "</s>", "[INST]", "[/INST]", "[SYS]", "[/SYS]"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=2,
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   chat_template=INST_TEMPLATE)
+
+
+def train_arithmetic_merged_digits_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE whose merges, learned from the arithmetic task's questions and answers with
+    GPT-2's pre-tokenizer regex, join digit runs: ``85`` is one token, ``139`` is ``13`` ``9``,
+    ``198`` is ``1`` ``98`` (320 tokens, ``[INST]`` template). Against the digit-by-digit teacher
+    (``builtin:arithmetic``) the two cut numbers differently, as Llama-3's and Qwen's do."""
+    rows = arithmetic_rows(8_100, 0)[:2_000]  # the first questions of the built-in task's training split
+    return _inst_byte_level(320, [m["content"] for r in rows for m in r["messages"]])
+
+
+def train_arithmetic_letters_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer without merges: every text is spelled byte by byte (letter by letter),
+    ``[INST]`` template (263 tokens). Against the ``arithmetic-words`` teacher, which says ``eight``
+    in one token, it is the ``circle`` against ``c i r c l e`` case."""
+    return _inst_byte_level(0, [])
 
 
 # Llama-2 style: "<s>[INST] question [/INST]answer</s>" (no space before the answer, so the
