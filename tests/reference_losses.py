@@ -79,26 +79,33 @@ def longest_piece(rest: bytes, vocab: list) -> int:
 
 
 def prefix_tables(a_vocab: list, b_vocab: list, a_eos: int, b_eos: int) -> tuple:
-    """(key, piece) int64 [D, len(a_vocab)] tables projecting ``a_vocab`` onto ``b_vocab`` pieces, by
-    their definition in gold_ds.align.prefix, written out by brute force."""
+    """(key [D, V], piece [D, V], whole [V]) int64 tables projecting ``a_vocab`` (V entries) onto
+    ``b_vocab`` pieces, by their definition in gold_ds.align.prefix, written out by brute force."""
     depth = max(len(p) for p in a_vocab)
     names = {b"": 0}
     key = torch.full((depth, len(a_vocab)), -1, dtype=torch.long)
     piece = torch.full((depth, len(a_vocab)), -1, dtype=torch.long)
+    whole = torch.full((len(a_vocab),), -1, dtype=torch.long)
     for u, p in enumerate(a_vocab):
         for d in range(len(p)):
             key[d, u] = names.setdefault(p[:d], len(names))
             piece[d, u] = longest_piece(p[d:], b_vocab)
+    for u, p in enumerate(a_vocab):
+        if p:
+            whole[u] = names.setdefault(p, len(names))
     key[0, a_eos], piece[0, a_eos] = 0, b_eos
-    return key, piece
+    return key, piece, whole
 
 
 def byte_prefix_jsd(s, t, student_fine, skip, student_token, teacher_token, s_vocab, t_vocab, s_eos, t_eos,
                     beta=0.5, student_temperature=1.0, teacher_temperature=1.0, mask=None, reduction="mean"):
     """Byte-prefix JSD row by row from the vocabularies' bytes (``*_vocab``: one bytes per id, empty
     for special tokens; ``*_eos``: the end-of-turn ids, which stand for each other): the coarse side's
-    tokens that continue the spelled prefix, grouped by the fine side's longest piece of what follows,
-    both sides renormalized on the pieces reached, then the generalized JSD (teacher a, student b)."""
+    tokens that agree with the spelled prefix, grouped by the fine side's longest piece of what
+    follows, or "stop" (the token is the prefix itself, or the fine side has no piece for its rest);
+    the fine side's pieces reached, and "stop" for the rest of its mass (renormalized on the pieces
+    reached instead when no coarse token stops); then the generalized JSD (teacher a, student b) of
+    the two distributions over those classes."""
     s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
     rows = []
     for i in range(s.shape[0]):
@@ -114,25 +121,34 @@ def byte_prefix_jsd(s, t, student_fine, skip, student_token, teacher_token, s_vo
         classes = {}
         if d < len(spelled) or (d == 0 and int(c_tok.reshape(-1)[i]) == c_eos):
             for u, p in enumerate(c_vocab):
-                v = f_eos if (u == c_eos and d == 0) else (
-                    longest_piece(p[d:], f_vocab) if len(p) > d and p[:d] == spelled[:d] else -1)
-                if v >= 0:
-                    classes.setdefault(v, []).append(u)
+                if u == c_eos and d == 0:
+                    classes.setdefault(f_eos, []).append(u)
+                elif len(p) > d and p[:d] == spelled[:d]:
+                    v = longest_piece(p[d:], f_vocab)
+                    classes.setdefault(v if v >= 0 else "stop", []).append(u)
+                elif d > 0 and p == spelled[:d]:
+                    classes.setdefault("stop", []).append(u)
         if not classes:
             rows.append(s[i].sum() * 0)
             continue
-        support = sorted(classes)
+        support = sorted(v for v in classes if v != "stop")
         p_c = lc.exp()
-        q = torch.stack([p_c[classes[v]].sum() for v in support])
+        q = torch.stack([p_c[classes[v]].sum() for v in support]
+                        + [p_c[classes["stop"]].sum() if "stop" in classes else lc.new_zeros(())])
         q = q / q.sum()
-        p_f = lf.exp()[support]
-        p_f = p_f / p_f.sum()
+        off = [v for v in range(lf.shape[0]) if v not in classes]
+        if "stop" in classes:
+            p_f = torch.cat([lf.exp()[support], lf.exp()[off].sum(0, keepdim=True)])
+        else:
+            p_f = lf.exp()[support] / lf.exp()[support].sum()
+            q = q[:-1]
         a, b = (q, p_f) if fine_is_student else (p_f, q)
+        kl = lambda x, y: (x[x > 0] * (x[x > 0] / y[x > 0]).log()).sum()  # noqa: E731  (0 log 0 = 0)
         if beta == 0:
-            rows.append((a * (a.log() - b.log())).sum())
+            rows.append(kl(a, b))
         elif beta == 1:
-            rows.append((b * (b.log() - a.log())).sum())
+            rows.append(kl(b, a))
         else:
             m = beta * a + (1 - beta) * b
-            rows.append(beta * (a * (a / m).log()).sum() + (1 - beta) * (b * (b / m).log()).sum())
+            rows.append(beta * kl(a, m) + (1 - beta) * kl(b, m))
     return reduce_rows(torch.stack(rows).reshape(student_fine.shape), mask, reduction)

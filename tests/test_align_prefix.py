@@ -46,14 +46,13 @@ def _vocab_bytes(tokenizer):
 def test_projection_tables_match_their_definition(a_name, b_name):
     a, b = builtin_tokenizer(a_name), builtin_tokenizer(b_name)
     got = prefix_projection(a, b, a.eos_token_id, b.eos_token_id)
-    key, piece = ref.prefix_tables(_vocab_bytes(a), _vocab_bytes(b), a.eos_token_id, b.eos_token_id)
+    key, piece, whole = ref.prefix_tables(_vocab_bytes(a), _vocab_bytes(b), a.eos_token_id, b.eos_token_id)
     assert torch.equal(got.piece, piece)
-    # keys name prefixes: equal where the prefixes are equal, whatever the numbering
-    defined = key >= 0
-    assert torch.equal(got.key >= 0, defined)
-    for d in range(key.shape[0]):
-        k, g = key[d][defined[d]], got.key[d][defined[d]]
-        assert torch.equal(k[:, None] == k[None, :], g[:, None] == g[None, :])
+    # keys and wholes name byte strings: equal where the strings are equal, whatever the numbering
+    assert torch.equal(got.key >= 0, key >= 0) and torch.equal(got.whole >= 0, whole >= 0)
+    want = torch.cat([key[key >= 0], whole[whole >= 0]])
+    have = torch.cat([got.key[key >= 0], got.whole[whole >= 0]])
+    assert torch.equal(want[:, None] == want[None, :], have[:, None] == have[None, :])
 
 
 def test_words_project_onto_letters():

@@ -143,10 +143,10 @@ def test_circle_hand_worked():
     """Forward KL (beta 0). Event 0 (nothing spelled): the teacher's next-piece distribution is c 0.9
     (circle 0.6 + cat 0.3), d 0.1, so a student with c 0.5, d 0.5 pays 0.9 ln(0.9/0.5) + 0.1
     ln(0.1/0.5). Event 1 (``c`` spelled): circle and cat (and the teacher's ``ci``, at probability 0)
-    continue it, i 2/3, a 1/3; a student with i 0.5, a 0.25, o 0.25 is renormalized on {i, a} (2/3,
-    1/3): loss 0; with i 0.4, a 0.4, o 0.2 it pays KL((2/3, 1/3) || (1/2, 1/2)). Event 2 (``ci``):
-    only circle continues it, r 1; the student's r 0.2, o 0.8 renormalizes to r 1 on that support:
-    loss 0 (o is nothing the teacher's tokens can say there)."""
+    go on, i 2/3, a 1/3, and the token ``c`` (probability 0) would stop there; a student with i 0.5,
+    a 0.25, o 0.25 says stop (o: no teacher token goes on with it) with 0.25: it pays
+    2/3 ln((2/3)/0.5) + 1/3 ln((1/3)/0.25) = ln(4/3). Event 2 (``ci``): only circle goes on, r 1; the
+    student's r 0.2, o 0.8 pays ln 5."""
     rows = [{b"c": 0.5, b"d": 0.5}, {b"i": 0.5, b"a": 0.25, b"o": 0.25}, {b"r": 0.2, b"o": 0.8}]
     s = torch.stack([_logits(r, LETTERS) for r in rows]).float()
     n = len(rows)
@@ -157,33 +157,27 @@ def test_circle_hand_worked():
                            torch.zeros(n, dtype=torch.long), *proj, beta=0.0, reduction="sum",
                            mask=torch.tensor([True, False, False]))
     assert abs(loss.item() - (0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5))) < 1e-6
-    for row in (1, 2):
+    for row, want in ((1, math.log(4 / 3)), (2, math.log(5))):
         only = torch.zeros(n, dtype=torch.bool)
         only[row] = True
         loss = byte_prefix_jsd(s, t, torch.ones(n, dtype=torch.bool), torch.arange(n), letters,
                                torch.zeros(n, dtype=torch.long), *proj, beta=0.0, reduction="sum", mask=only)
-        assert abs(loss.item()) < 1e-6
-    # event 1 with i and a at 1/2 each: KL((2/3, 1/3) || (1/2, 1/2))
-    s[1] = _logits({b"i": 0.4, b"a": 0.4, b"o": 0.2}, LETTERS).float()
-    only = torch.tensor([False, True, False])
-    loss = byte_prefix_jsd(s, t, torch.ones(n, dtype=torch.bool), torch.arange(n), letters,
-                           torch.zeros(n, dtype=torch.long), *proj, beta=0.0, reduction="sum", mask=only)
-    assert abs(loss.item() - (2 / 3 * math.log(4 / 3) + 1 / 3 * math.log(2 / 3))) < 1e-6
+        assert abs(loss.item() - want) < 1e-6, (row, loss.item(), want)
 
 
 # The number case: the teacher spells digits, the student says 13 then 9 (groups of "139").
-DIGITS = [b"0", b"1", b"3", b"4", b"9", b""]                                  # teacher, eos last
-MERGED = [b"1", b"3", b"9", b"13", b"14", b"139", b""]                        # student, eos last
+DIGITS = [str(i).encode() for i in range(10)] + [b""]                         # teacher, eos last
+MERGED = DIGITS[:10] + [b"13", b"14", b"139", b""]                             # student, eos last
 
 
 def test_139_against_13_9_hand_worked():
     """Events of 139 = student 13|9, teacher 1|3|9 (see gold_ds.align.prefix): offset 0, the teacher
     fine (its 1 is shorter than 13): the student's row projected on the teacher's first digit; offset
     1, the teacher fine again, the student's same row conditioned on having spelled 1; offset 2, both
-    start a 1-byte token: the student fine, the teacher's third row projected on the student's pieces
-    (digits the student has no token for drop out). Forward KL (beta 0)."""
+    start a 1-byte token: the student fine, the teacher's third row projected on the student's pieces.
+    Forward KL (beta 0)."""
     s_row0 = {b"13": 0.5, b"14": 0.2, b"139": 0.1, b"3": 0.1, b"9": 0.1}  # the student's row for "13"
-    s_row1 = {b"9": 0.7, b"3": 0.3}                                        # for "9"
+    s_row1 = {b"9": 0.7, b"3": 0.2, b"0": 0.1}                             # for "9"
     t_rows = [{b"1": 0.7, b"3": 0.2, b"9": 0.1}, {b"3": 0.5, b"4": 0.5}, {b"9": 0.9, b"0": 0.1}]
     s = torch.stack([_logits(s_row0, MERGED), _logits(s_row0, MERGED), _logits(s_row1, MERGED)]).float()
     t = torch.stack([_logits(r, DIGITS) for r in t_rows]).float()
@@ -195,20 +189,26 @@ def test_139_against_13_9_hand_worked():
     s.requires_grad_()
     per_row = [byte_prefix_jsd(s, t, fine, skip, s_tok, t_tok, *proj, beta=0.0, reduction="sum",
                                mask=torch.arange(3) == i) for i in range(3)]
-    # offset 0: the student's first digits: 1 <- 1, 13, 14, 139 (0.8); 3 <- 3 (0.1); 9 <- 9 (0.1); the
-    # teacher's 0 and 4 begin no student token and drop out (it has no mass there anyway)
+    # offset 0: the student's first digits: 1 <- 1, 13, 14, 139 (0.8); 3 <- 3 (0.1); 9 <- 9 (0.1)
     want0 = 0.7 * math.log(0.7 / 0.8) + 0.2 * math.log(0.2 / 0.1) + 0.1 * math.log(0.1 / 0.1)
-    # offset 1: the student's tokens after "1": 13 -> 3, 139 -> 3, 14 -> 4: (0.6, 0.2) / 0.8
+    # offset 1: the student's tokens after "1": 13 -> 3, 139 -> 3, 14 -> 4: (0.6, 0.2) / 0.8; its
+    # token "1" alone (probability 0 here) would be the stop class
     want1 = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
-    # offset 2: the teacher's 9 0.9, 0 0.1 on the student's pieces (1, 3, 9 and the end of turn; the
-    # student has no token 0): 9 1.0 against the student's 9 0.7 (of 0.7 + 0.3 on that support)
-    want2 = math.log(1 / 0.7)
+    # offset 2: the teacher's 9 0.9, 0 0.1 on the student's digits, against its 9 0.7, 0 0.1, 3 0.2
+    want2 = 0.9 * math.log(0.9 / 0.7) + 0.1 * math.log(0.1 / 0.1)
     for got, want in zip(per_row, (want0, want1, want2)):
         assert abs(got.item() - want) < 1e-6, (got.item(), want)
     # the gradient at offset 1 reaches only the tokens that continue "1" (13, 14, 139)
     (g,) = torch.autograd.grad(per_row[1], s)
     moved = set((g[1].abs() > 1e-9).nonzero().squeeze(1).tolist())
     assert moved == {MERGED.index(b"13"), MERGED.index(b"14"), MERGED.index(b"139")}
+    # a student that says "1" alone where the teacher goes on (3 or 4) pays for it: its "1" is the stop
+    # class (the number would end there): q = (3: 0.2, 4: 0.2, stop: 0.6) against (0.5, 0.5, 0)
+    s2 = s.detach().clone()
+    s2[1] = _logits({b"1": 0.6, b"13": 0.2, b"14": 0.2}, MERGED).float()
+    got = byte_prefix_jsd(s2, t, fine, skip, s_tok, t_tok, *proj, beta=0.0, reduction="sum",
+                          mask=torch.arange(3) == 1)
+    assert abs(got.item() - math.log(2.5)) < 1e-6
 
 
 def test_linear_matches_logits():
@@ -235,11 +235,12 @@ def test_linear_matches_logits():
 
 def test_argument_errors():
     s, t = torch.zeros(2, 5), torch.zeros(2, 4)
-    ok = (torch.zeros(1, 5, dtype=torch.long),) * 2, (torch.zeros(1, 4, dtype=torch.long),) * 2
+    ok = ((torch.zeros(1, 5, dtype=torch.long),) * 2 + (torch.zeros(5, dtype=torch.long),),
+          (torch.zeros(1, 4, dtype=torch.long),) * 2 + (torch.zeros(4, dtype=torch.long),))
     rows = (torch.ones(2, dtype=torch.bool), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long),
             torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="student_to_teacher key must be an int64"):
-        byte_prefix_jsd(s, t, *rows, (torch.zeros(1, 4, dtype=torch.long),) * 2, ok[1])
+        byte_prefix_jsd(s, t, *rows, ok[1], ok[1])
     with pytest.raises(ValueError, match="skip must be a tensor shaped like the rows"):
         byte_prefix_jsd(s, t, rows[0], torch.zeros(3, dtype=torch.long), *rows[2:], *ok)
     with pytest.raises(ValueError, match="teacher_token must lie in"):

@@ -8,12 +8,16 @@ bytes b(u) and a number of bytes d < len(b(u)) already spelled:
   every token with bytes has key 0 at d = 0), -1 where u has no byte d (or no bytes: special,
   zero-width or unmappable tokens);
 * ``piece[d, u]`` is B's longest token that is a prefix of the rest b(u)[d:] (B's special tokens and
-  byte-fallback duplicates excluded, as in ``vocabulary_map``), -1 where B has none.
+  byte-fallback duplicates excluded, as in ``vocabulary_map``), -1 where B has none;
+* ``whole[u]`` names b(u) itself in the same numbering (so ``whole[u] = key[d, u']`` says that u is
+  exactly the bytes u' has spelled after d of them), -1 for a token without bytes.
 
 So, at a position where A has already spelled the bytes c of its current token and B starts a token,
 "A's next token begins with c + x" for B's piece x is the event {u : key[d, u] = key of c,
 piece[d, u] = x}, and A's probability that B's next piece is x is the sum of A's probabilities over
-it. A's end-of-turn token maps to B's at d = 0 (they stand for no bytes; the trainer pairs them).
+it; the tokens that are exactly c ({u : whole[u] = key of c}) end where B's piece starts, and what
+follows them is on a row nobody computed. A's end-of-turn token maps to B's at d = 0 (they stand for
+no bytes; the trainer pairs them).
 
 Events (per micro-step, ``prefix_events``). Inside a group (``group_spans``: both sides spell the
 same bytes), at every byte offset where one side starts a token the two sides can be compared:
@@ -43,10 +47,11 @@ __all__ = ["PrefixProjection", "prefix_projection", "PrefixEvents", "prefix_even
 
 @dataclass(frozen=True)
 class PrefixProjection:
-    """A's tokens projected onto B's pieces (module docstring): ``key``, ``piece`` [D, V_A] int64,
-    D = the longest token of A in bytes (at most ``max_bytes``)."""
+    """A's tokens projected onto B's pieces (module docstring): ``key``, ``piece`` [D, V_A] and
+    ``whole`` [V_A] int64, D = the longest token of A in bytes (at most ``max_bytes``)."""
     key: torch.Tensor
     piece: torch.Tensor
+    whole: torch.Tensor
 
     @property
     def max_skip(self) -> int:
@@ -69,11 +74,13 @@ def prefix_projection(a_tokenizer, b_tokenizer, a_eos: int, b_eos: int, max_byte
     depth = max(1, min(max_bytes, max((len(p) for p in a.pieces if p), default=1)))
     key = [[-1] * size for _ in range(depth)]
     piece = [[-1] * size for _ in range(depth)]
+    whole = [-1] * size
     prefixes = {b"": 0}
     special = a.special.tolist()
     for u, p in enumerate(a.pieces):
         if not p or special[u]:
             continue
+        whole[u] = prefixes.setdefault(p, len(prefixes))
         for d in range(min(len(p), depth)):
             key[d][u] = prefixes.setdefault(p[:d], len(prefixes))
             rest = p[d:]
@@ -83,7 +90,8 @@ def prefix_projection(a_tokenizer, b_tokenizer, a_eos: int, b_eos: int, max_byte
                     piece[d][u] = v
                     break
     key[0][a_eos], piece[0][a_eos] = 0, b_eos
-    result = PrefixProjection(torch.tensor(key, dtype=torch.long), torch.tensor(piece, dtype=torch.long))
+    result = PrefixProjection(torch.tensor(key, dtype=torch.long), torch.tensor(piece, dtype=torch.long),
+                              torch.tensor(whole, dtype=torch.long))
     _CACHE[cache_key] = (a_tokenizer, b_tokenizer, result)  # the tokenizers kept alive: ids stay unique
     return result
 

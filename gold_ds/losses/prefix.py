@@ -17,26 +17,42 @@ models"). Per row (an *event*: ``gold_ds.align.prefix_events`` builds them from 
 
 * the fine side's row gives p_F = softmax(z_F / T_F) over its vocabulary V_F;
 * the coarse side's row gives p_C = softmax(z_C / T_C) over V_C, and the coarse side has already
-  spelled ``skip`` bytes c of its actual token u*; with the projection tables
-  (``gold_ds.align.prefix_projection``) key[skip, u] (the prefix b(u)[:skip]) and piece[skip, u]
-  (the fine side's longest piece that begins the rest b(u)[skip:]), the members are
-  M = {u : key[skip, u] = key[skip, u*], piece[skip, u] >= 0}: the tokens that continue what was
-  spelled. Their projection q_C(v) = sum_{u in M, piece[skip, u] = v} p_C(u) / sum_{u in M} p_C(u)
-  is the coarse side's probability that the fine side's next piece is v, given the bytes so far;
-* both are compared on the support S = {piece[skip, u] : u in M} (what both sides can say: a fine
-  piece no member maps to has no counterpart on the coarse side at this position), p_F renormalized
-  on S, by the generalized JSD of ``generalized_jsd`` with ``beta`` (teacher a, student b: beta 0 is
-  KL(teacher || student), beta 1 KL(student || teacher)).
+  spelled ``skip`` bytes c of its actual token u* (c is empty at skip 0). With the projection tables
+  (``gold_ds.align.prefix_projection``: key[skip, u] names the prefix b(u)[:skip], piece[skip, u] is
+  the fine side's longest piece that begins the rest b(u)[skip:], whole[u] names b(u)), the tokens
+  that agree with what was spelled are
+  - M = {u : key[skip, u] = key[skip, u*]}, those that go on past c: each either says which fine piece
+    comes next (piece[skip, u] >= 0) or says something the fine side has no piece for;
+  - E = {u : whole[u] = key[skip, u*]}, those that are exactly c: they end here, and what follows
+    them is on a row nobody computed;
+  so, given c, the coarse side's next fine piece is v with probability
+  q_C(v) = sum_{u in M, piece[skip, u] = v} p_C(u) / Z, and "something else" (a *stop* class) with
+  q_C(stop) = (p_C(E) + p_C(M without a piece)) / Z, Z = p_C(M) + p_C(E);
+* the fine side says v with p_F(v) on S = {piece[skip, u] : u in M} (what both sides can say
+  there), and stop with p_F(stop) = 1 - p_F(S): a fine piece no coarse token reaches is something the
+  coarse side cannot say at this position in its current token (under canonical tokenizations: the
+  coarse token ended, as for E);
+* both, distributions over S + {stop}, are compared by the generalized JSD of ``generalized_jsd``
+  with ``beta`` (teacher a, student b: beta 0 is KL(teacher || student), beta 1 KL(student ||
+  teacher)). Where no coarse token stops (E empty and every token of M has a piece: always at skip 0
+  with a byte-complete fine vocabulary) there is no stop class: p_F is renormalized on S, since the
+  fine pieces no coarse token reaches then have no counterpart at all (the coarse side would say
+  them in other tokens).
 
-Approximations, stated: a coarse token shorter than the spelled prefix (``c`` when ``ci`` was
-spelled) continues on a row nobody computed, so it is left out of M (and p_C renormalized without
-it); a coarse token's rest is credited to the fine side's *longest* piece that begins it, which is
-the fine tokenizer's first piece for greedy longest-match tokenizers and an approximation for
-others (BPE may split a rest differently).
+Why the stop class: without it a student whose tokens merge digits (``85``) could meet "the first
+digit is 8" with its token ``8`` and "after 8 comes 5" with ``85`` renormalized among the tokens
+that go on, while ``85`` itself stays improbable; with it, the mass on ``8`` alone is the
+student's "the number ends after 8", which the teacher's row after ``8`` prices.
+
+Approximations, stated: a coarse token's rest is credited to the fine side's *longest* piece that
+begins it, which is the fine tokenizer's first piece for greedy longest-match tokenizers and an
+approximation for others (BPE may split a rest differently); the stop class lumps together what
+each side cannot say in the other's terms.
 
 Properties (tests/test_losses_prefix.py): with one tokenizer the projection is the identity, every
-event has skip 0, S is the whole vocabulary, and the loss is ``generalized_jsd`` exactly; it is 0
-when the two sides' distributions over byte strings agree; its gradient is that of the formula.
+event has skip 0, S is the whole vocabulary, both stop masses are 0, and the loss is
+``generalized_jsd`` exactly; it is 0 when the two sides' distributions over byte strings agree; its
+gradient is that of the formula.
 
 Rows: one per event; the caller sums them (``reduction``). The gradient comes from autograd on each
 chunk (the projection is a scatter, whose closed form would repeat autograd's), stored by the
@@ -44,6 +60,8 @@ chunking base like the other losses'. Vocabulary shards: as ``uld``, each chunk 
 row-sharded layout (one all_to_all per input), the whole-row kernel runs there, and gradients come
 back the same way.
 """
+
+import math
 
 import torch
 
@@ -53,28 +71,39 @@ from .uld import _check_pair, _row_layout
 _NEG = -1e30  # a finite "minus infinity": rows without members stay NaN-free in forward and backward
 
 
-def _projected(lc, key, piece, skip, token, fine_vocab):
-    """(log q [n, V_F], support [n, V_F] bool) of the coarse rows' log-probabilities ``lc`` [n, V_C]."""
+def _projected(lc, key, piece, whole, skip, token, fine_vocab):
+    """The coarse rows' log q [n, V_F + 1] (the last column: stop) and the classes compared [n, V_F + 1]
+    bool (S, and stop where a coarse token stops), from their log-probabilities ``lc`` [n, V_C]."""
     k, p = key[skip], piece[skip]                                     # [n, V_C]
     want = key[skip, token]                                           # [n] the spelled prefix
-    member = (k == want[:, None]) & (p >= 0) & (want >= 0)[:, None]
-    top = lc.masked_fill(~member, _NEG).amax(-1, keepdim=True)
-    w = (lc - top).masked_fill(~member, _NEG).exp()
+    valid = (want >= 0)[:, None]
+    goes_on = (k == want[:, None]) & valid
+    said = goes_on & (p >= 0)
+    agree = goes_on | ((whole[None, :] == want[:, None]) & valid)    # M and E
+    top = lc.masked_fill(~agree, _NEG).amax(-1, keepdim=True)
+    w = (lc - top).masked_fill(~agree, _NEG).exp()
     index = p.clamp(min=0)
-    q = w.new_zeros(w.shape[0], fine_vocab).scatter_add(1, index, w)
-    support = torch.zeros_like(q).scatter_add_(1, index, member.float()) > 0
+    q = w.new_zeros(w.shape[0], fine_vocab + 1)
+    q[:, :fine_vocab].scatter_add_(1, index, w * said)
+    q[:, fine_vocab] = (w * ~said).sum(-1)
+    support = torch.zeros_like(q[:, :fine_vocab]).scatter_add_(1, index, said.float()) > 0
+    stops = (agree & ~said).any(-1, keepdim=True)
     tiny = torch.finfo(q.dtype).tiny
-    log_q = q.clamp_min(tiny).log() - w.sum(-1, keepdim=True).clamp_min(tiny).log()
-    return log_q, support
+    return q.clamp_min(tiny).log() - w.sum(-1, keepdim=True).clamp_min(tiny).log(), torch.cat([support, stops], -1)
 
 
-def _restricted(lf, support):
-    """log p_F renormalized on ``support``."""
-    return lf - lf.masked_fill(~support, _NEG).logsumexp(-1, keepdim=True)
+def _fine(lf, classes):
+    """The fine rows' log p [n, V_F + 1] on ``classes``: where the coarse side has a stop class, their
+    log-probabilities and log p(stop) = the log of their mass off S; elsewhere renormalized on S."""
+    support, stops = classes[:, :-1], classes[:, -1:]
+    off = lf.masked_fill(support, _NEG).logsumexp(-1, keepdim=True).clamp_min(math.log(torch.finfo(lf.dtype).tiny))
+    on = lf.masked_fill(~support, _NEG).logsumexp(-1, keepdim=True)
+    return torch.cat([torch.where(stops, lf, lf - on), off], -1)
 
 
 def _divergence(la, lb, support, beta):
-    """Generalized JSD per row between teacher a and student b (log values on ``support``, 0 off it)."""
+    """Generalized JSD per row between teacher a and student b (log values [n, V_F + 1], compared on
+    the classes ``support``)."""
     la, lb = la.masked_fill(~support, 0.0), lb.masked_fill(~support, 0.0)
     a, b = la.exp() * support, lb.exp() * support
     if beta == 0.0:
@@ -93,21 +122,23 @@ def _row_losses(s, t, student_fine, skip, student_token, teacher_token, s_to_t, 
     fine = student_fine.nonzero().squeeze(1)
     if fine.numel():  # compared over the student's vocabulary: the teacher is projected
         lq, support = _projected(lt[fine], *t_to_s, skip[fine], teacher_token[fine], s.shape[1])
-        loss = loss.index_put((fine,), _divergence(lq, _restricted(ls[fine], support), support, beta))
+        loss = loss.index_put((fine,), _divergence(lq, _fine(ls[fine], support), support, beta))
     coarse = (~student_fine).nonzero().squeeze(1)
     if coarse.numel():  # over the teacher's vocabulary: the student is projected
         lq, support = _projected(ls[coarse], *s_to_t, skip[coarse], student_token[coarse], t.shape[1])
-        loss = loss.index_put((coarse,), _divergence(_restricted(lt[coarse], support), lq, support, beta))
+        loss = loss.index_put((coarse,), _divergence(_fine(lt[coarse], support), lq, support, beta))
     return loss
 
 
 def _check_tables(name, table, vocab, device):
-    key, piece = table
-    for part, x in (("key", key), ("piece", piece)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != vocab or x.dtype != torch.long:
+    key, piece, whole = table
+    for part, x, dims in (("key", key, 2), ("piece", piece, 2), ("whole", whole, 1)):
+        if (not isinstance(x, torch.Tensor) or x.dim() != dims or x.shape[-1] != vocab or x.dtype != torch.long
+                or x.shape[0] != key.shape[0] and dims == 2):
             got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else repr(x)
-            raise ValueError(f"{name} {part} must be an int64 [D, {vocab}] tensor; got {got}")
-    return key.to(device), piece.to(device)
+            want = f"[D, {vocab}]" if dims == 2 else f"[{vocab}]"
+            raise ValueError(f"{name} {part} must be an int64 {want} tensor; got {got}")
+    return key.to(device), piece.to(device), whole.to(device)
 
 
 def byte_prefix_jsd(student_logits, teacher_logits, student_fine, skip, student_token, teacher_token,
@@ -119,9 +150,9 @@ def byte_prefix_jsd(student_logits, teacher_logits, student_fine, skip, student_
     Per row ([...] tensors): ``student_fine`` (bool: compared over the student's vocabulary),
     ``skip`` (bytes of the coarse side's token already spelled), ``student_token`` and
     ``teacher_token`` (each side's actual token at its row; the coarse side's names the spelled
-    prefix). ``student_to_teacher``: (key, piece) int64 [D, Vs] projecting the student's vocabulary
-    onto the teacher's pieces (``gold_ds.align.prefix_projection``); ``teacher_to_student`` the other
-    way. Other arguments as in :func:`gold_ds.losses.uld` (``group``: vocabulary shards).
+    prefix). ``student_to_teacher``: (key [D, Vs], piece [D, Vs], whole [Vs]) int64 projecting the
+    student's vocabulary onto the teacher's pieces (``gold_ds.align.prefix_projection``);
+    ``teacher_to_student`` the other way. Other arguments as in :func:`gold_ds.losses.uld` (``group``: vocabulary shards).
     """
     _check_pair(student_logits, teacher_logits, student_temperature, teacher_temperature, None, None, mask,
                 reduction, chunk_size)

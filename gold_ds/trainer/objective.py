@@ -188,8 +188,8 @@ class CrossTokenizerObjective:
         full, fused = (hybrid_uld, linear_hybrid_uld) if distill.loss == "hybrid_uld" else (uld, linear_uld)
         if self.prefix:
             dev = student.device
-            tables = [(p.key.to(dev), p.piece.to(dev)) for p in assembler.prefix_projections()]
-            reach = [float((p >= 0).any(0).float().mean()) for _, p in tables]
+            tables = [(p.key.to(dev), p.piece.to(dev), p.whole.to(dev)) for p in assembler.prefix_projections()]
+            reach = [float((p >= 0).any(0).float().mean()) for _, p, _ in tables]
             log(f"[gold_ds] byte_prefix_jsd projections: {reach[0]:.1%} of the student's tokens map to a teacher "
                 f"piece, {reach[1]:.1%} of the teacher's to a student piece (tables [{tables[0][0].shape[0]}, "
                 f"{self.vs}] and [{tables[1][0].shape[0]}, {self.vt}])")
