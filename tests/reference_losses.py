@@ -97,7 +97,7 @@ def prefix_tables(a_vocab: list, b_vocab: list, a_eos: int, b_eos: int) -> tuple
     return key, piece, whole
 
 
-def byte_prefix_jsd(s, t, student_fine, skip, student_token, teacher_token, s_vocab, t_vocab, s_eos, t_eos,
+def byte_prefix_jsd(s, t, side, skip, student_token, teacher_token, s_vocab, t_vocab, s_eos, t_eos,
                     beta=0.5, student_temperature=1.0, teacher_temperature=1.0, mask=None, reduction="mean"):
     """Byte-prefix JSD row by row from the vocabularies' bytes (``*_vocab``: one bytes per id, empty
     for special tokens; ``*_eos``: the end-of-turn ids, which stand for each other): the coarse side's
@@ -105,50 +105,58 @@ def byte_prefix_jsd(s, t, student_fine, skip, student_token, teacher_token, s_vo
     follows, or "stop" (the token is the prefix itself, or the fine side has no piece for its rest);
     the fine side's pieces reached, and "stop" for the rest of its mass (renormalized on the pieces
     reached instead when no coarse token stops); then the generalized JSD (teacher a, student b) of
-    the two distributions over those classes."""
+    the two distributions over those classes. ``side`` 0: the teacher is fine, 1: the student, 2:
+    the mean of both."""
     s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
     rows = []
     for i in range(s.shape[0]):
-        ls = torch.log_softmax(s[i] / student_temperature, -1)
-        lt = torch.log_softmax(t[i] / teacher_temperature, -1)
-        fine_is_student = bool(student_fine.reshape(-1)[i])
-        if fine_is_student:
-            lf, lc, f_vocab, c_vocab, c_tok, c_eos, f_eos = ls, lt, s_vocab, t_vocab, teacher_token, t_eos, s_eos
-        else:
-            lf, lc, f_vocab, c_vocab, c_tok, c_eos, f_eos = lt, ls, t_vocab, s_vocab, student_token, s_eos, t_eos
-        d = int(skip.reshape(-1)[i])
-        spelled = c_vocab[int(c_tok.reshape(-1)[i])]
-        classes = {}
-        if d < len(spelled) or (d == 0 and int(c_tok.reshape(-1)[i]) == c_eos):
-            for u, p in enumerate(c_vocab):
-                if u == c_eos and d == 0:
-                    classes.setdefault(f_eos, []).append(u)
-                elif len(p) > d and p[:d] == spelled[:d]:
-                    v = longest_piece(p[d:], f_vocab)
-                    classes.setdefault(v if v >= 0 else "stop", []).append(u)
-                elif d > 0 and p == spelled[:d]:
-                    classes.setdefault("stop", []).append(u)
-        if not classes:
-            rows.append(s[i].sum() * 0)
-            continue
-        support = sorted(v for v in classes if v != "stop")
-        p_c = lc.exp()
-        q = torch.stack([p_c[classes[v]].sum() for v in support]
-                        + [p_c[classes["stop"]].sum() if "stop" in classes else lc.new_zeros(())])
-        q = q / q.sum()
-        off = [v for v in range(lf.shape[0]) if v not in classes]
-        if "stop" in classes:
-            p_f = torch.cat([lf.exp()[support], lf.exp()[off].sum(0, keepdim=True)])
-        else:
-            p_f = lf.exp()[support] / lf.exp()[support].sum()
-            q = q[:-1]
-        a, b = (q, p_f) if fine_is_student else (p_f, q)
-        kl = lambda x, y: (x[x > 0] * (x[x > 0] / y[x > 0]).log()).sum()  # noqa: E731  (0 log 0 = 0)
-        if beta == 0:
-            rows.append(kl(a, b))
-        elif beta == 1:
-            rows.append(kl(b, a))
-        else:
-            m = beta * a + (1 - beta) * b
-            rows.append(beta * kl(a, m) + (1 - beta) * kl(b, m))
-    return reduce_rows(torch.stack(rows).reshape(student_fine.shape), mask, reduction)
+        code = int(side.reshape(-1)[i])
+        both = [_prefix_row(s[i], t[i], f, int(skip.reshape(-1)[i]), int(student_token.reshape(-1)[i]),
+                            int(teacher_token.reshape(-1)[i]), s_vocab, t_vocab, s_eos, t_eos, beta,
+                            student_temperature, teacher_temperature) for f in ((False, True) if code == 2 else
+                                                                                (bool(code),))]
+        rows.append(sum(both) / len(both))
+    return reduce_rows(torch.stack(rows).reshape(side.shape), mask, reduction)
+
+
+def _prefix_row(s_row, t_row, fine_is_student, d, s_token, t_token, s_vocab, t_vocab, s_eos, t_eos, beta,
+                student_temperature, teacher_temperature):
+    """One direction of one row of ``byte_prefix_jsd``."""
+    ls = torch.log_softmax(s_row / student_temperature, -1)
+    lt = torch.log_softmax(t_row / teacher_temperature, -1)
+    if fine_is_student:
+        lf, lc, f_vocab, c_vocab, c_tok, c_eos, f_eos = ls, lt, s_vocab, t_vocab, t_token, t_eos, s_eos
+    else:
+        lf, lc, f_vocab, c_vocab, c_tok, c_eos, f_eos = lt, ls, t_vocab, s_vocab, s_token, s_eos, t_eos
+    spelled = c_vocab[c_tok]
+    classes = {}
+    if d < len(spelled) or (d == 0 and c_tok == c_eos):
+        for u, p in enumerate(c_vocab):
+            if u == c_eos and d == 0:
+                classes.setdefault(f_eos, []).append(u)
+            elif len(p) > d and p[:d] == spelled[:d]:
+                v = longest_piece(p[d:], f_vocab)
+                classes.setdefault(v if v >= 0 else "stop", []).append(u)
+            elif d > 0 and p == spelled[:d]:
+                classes.setdefault("stop", []).append(u)
+    if not classes:
+        return s_row.sum() * 0
+    support = sorted(v for v in classes if v != "stop")
+    p_c = lc.exp()
+    q = torch.stack([p_c[classes[v]].sum() for v in support]
+                    + [p_c[classes["stop"]].sum() if "stop" in classes else lc.new_zeros(())])
+    q = q / q.sum()
+    off = [v for v in range(lf.shape[0]) if v not in classes]
+    if "stop" in classes:
+        p_f = torch.cat([lf.exp()[support], lf.exp()[off].sum(0, keepdim=True)])
+    else:
+        p_f = lf.exp()[support] / lf.exp()[support].sum()
+        q = q[:-1]
+    a, b = (q, p_f) if fine_is_student else (p_f, q)
+    kl = lambda x, y: (x[x > 0] * (x[x > 0] / y[x > 0]).log()).sum()  # noqa: E731  (0 log 0 = 0)
+    if beta == 0:
+        return kl(a, b)
+    if beta == 1:
+        return kl(b, a)
+    m = beta * a + (1 - beta) * b
+    return beta * kl(a, m) + (1 - beta) * kl(b, m)

@@ -73,21 +73,21 @@ def _events(student, teacher, question, answer):
     a = mb.alignment
     e = a.events
     rows = []
-    for s_row, t_row, fine, skip in zip(e.student_row.tolist(), e.teacher_row.tolist(), e.student_fine.tolist(),
+    for s_row, t_row, side, skip in zip(e.student_row.tolist(), e.teacher_row.tolist(), e.side.tolist(),
                                         e.skip.tolist()):
         rows.append((student.decode([a.student_tokens[s_row]]), teacher.decode([a.teacher_tokens[t_row]]),
-                     "student" if fine else "teacher", skip))
+                     ("teacher", "student", "both")[side], skip))
     return rows
 
 
 def test_events_of_139_against_13_9():
     """Student 13|9, teacher 1|3|9: the teacher is finer at bytes 0 and 1 (the student's 13 projected,
-    then conditioned on 1), both start a 1-byte token at byte 2 (the student, on a tie), then the
-    end-of-turn pair."""
+    then conditioned on 1), both start a 1-byte token at byte 2 (compared both ways), then the
+    end-of-turn pair (both ways)."""
     merged, digits = builtin_tokenizer("arithmetic-merged-digits"), builtin_tokenizer("arithmetic")
     assert _events(merged, digits, "86+53=", "139") == [
-        ("13", "1", "teacher", 0), ("13", "3", "teacher", 1), ("9", "9", "student", 0), ("</s>", "<|im_end|>",
-                                                                                        "student", 0)]
+        ("13", "1", "teacher", 0), ("13", "3", "teacher", 1), ("9", "9", "both", 0),
+        ("</s>", "<|im_end|>", "both", 0)]
 
 
 def test_events_of_words_against_letters():
@@ -97,4 +97,4 @@ def test_events_of_words_against_letters():
     got = _events(letters, words, "40+45=", "eight five")
     want = [(c, "eight", "student", i) for i, c in enumerate("eight")]
     want += [(c, " five", "student", i) for i, c in enumerate(" five")]
-    assert got == want + [("</s>", "<|im_end|>", "student", 0)]
+    assert got == want + [("</s>", "<|im_end|>", "both", 0)]

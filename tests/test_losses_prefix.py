@@ -34,20 +34,21 @@ def random_vocab(rng, alphabet, size, drop=()):
 
 
 def random_events(rng, n, s_vocab, t_vocab):
-    """Per row: which side is fine, the coarse token and a skip inside it (sometimes past it: no
-    members, loss 0), and any token on the fine side."""
-    fine, skip, s_tok, t_tok = [], [], [], []
+    """Per row: which side is fine (0 teacher, 1 student, 2 both at skip 0), the coarse token and a
+    skip inside it (sometimes past it: no members, loss 0), and any token on the fine side."""
+    side, skip, s_tok, t_tok = [], [], [], []
     for _ in range(n):
-        f = rng.random() < 0.5
+        code = rng.choice((0, 1, 1, 0, 2))
+        f = code == 1
         coarse = t_vocab if f else s_vocab
         c = rng.randrange(len(coarse) - 2)
-        d = rng.randrange(len(coarse[c]) + (1 if rng.random() < 0.1 else 0))
+        d = 0 if code == 2 else rng.randrange(len(coarse[c]) + (1 if rng.random() < 0.1 else 0))
         o = rng.randrange(len(s_vocab if f else t_vocab) - 2)
-        fine.append(f)
+        side.append(code)
         skip.append(d)
         s_tok.append(o if f else c)
         t_tok.append(c if f else o)
-    return (torch.tensor(fine), torch.tensor(skip), torch.tensor(s_tok), torch.tensor(t_tok))
+    return (torch.tensor(side), torch.tensor(skip), torch.tensor(s_tok), torch.tensor(t_tok))
 
 
 def tables(s_vocab, s_eos, t_vocab, t_eos):
@@ -81,7 +82,8 @@ def test_matches_fp64_reference(beta, seed):
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_one_tokenizer_is_the_token_level_jsd(beta):
     """Same vocabulary on both sides, every row at skip 0 (groups of one token): the projection is the
-    identity and the loss equals the generalized JSD over the whole vocabulary, fine side either way."""
+    identity and the loss equals the generalized JSD over the whole vocabulary, whichever side is fine
+    (0, 1, or both: 2, what the events give one tokenizer)."""
     rng = random.Random(3)
     vocab, eos = random_vocab(rng, "abc", 25)
     vocab[-2] = b"<pad>"  # a regular token here, so that every id has bytes and the support is the vocabulary
@@ -89,7 +91,7 @@ def test_one_tokenizer_is_the_token_level_jsd(beta):
     gen = torch.Generator().manual_seed(3)
     s = (torch.randn(n, v, generator=gen) * 2).requires_grad_()
     t = torch.randn(n, v, generator=gen) * 2
-    fine = torch.arange(n) % 2 == 0
+    fine = torch.arange(n) % 3
     tokens = torch.randint(0, v, (n,), generator=gen)
     proj = ref.prefix_tables(vocab, vocab, eos, eos)
     got = byte_prefix_jsd(s, t, fine, torch.zeros(n, dtype=torch.long), tokens, tokens, proj, proj, beta=beta,
@@ -123,7 +125,7 @@ def _circle(student_rows: list) -> torch.Tensor:
     t = _logits(TEACHER_ROW, WORDS).float().expand(n, -1)
     proj = tables(LETTERS, len(LETTERS) - 1, WORDS, len(WORDS) - 1)
     letters = torch.tensor([LETTERS.index(bytes([c])) for c in b"circle"[:n]])
-    return byte_prefix_jsd(s, t, torch.ones(n, dtype=torch.bool), torch.arange(n), letters,
+    return byte_prefix_jsd(s, t, torch.ones(n, dtype=torch.long), torch.arange(n), letters,
                            torch.zeros(n, dtype=torch.long), *proj, beta=0.0, reduction="sum")
 
 
@@ -153,14 +155,14 @@ def test_circle_hand_worked():
     t = _logits(TEACHER_ROW, WORDS).float().expand(n, -1)
     proj = tables(LETTERS, len(LETTERS) - 1, WORDS, len(WORDS) - 1)
     letters = torch.tensor([LETTERS.index(bytes([c])) for c in b"cir"])
-    loss = byte_prefix_jsd(s, t, torch.ones(n, dtype=torch.bool), torch.arange(n), letters,
+    loss = byte_prefix_jsd(s, t, torch.ones(n, dtype=torch.long), torch.arange(n), letters,
                            torch.zeros(n, dtype=torch.long), *proj, beta=0.0, reduction="sum",
                            mask=torch.tensor([True, False, False]))
     assert abs(loss.item() - (0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5))) < 1e-6
     for row, want in ((1, math.log(4 / 3)), (2, math.log(5))):
         only = torch.zeros(n, dtype=torch.bool)
         only[row] = True
-        loss = byte_prefix_jsd(s, t, torch.ones(n, dtype=torch.bool), torch.arange(n), letters,
+        loss = byte_prefix_jsd(s, t, torch.ones(n, dtype=torch.long), torch.arange(n), letters,
                                torch.zeros(n, dtype=torch.long), *proj, beta=0.0, reduction="sum", mask=only)
         assert abs(loss.item() - want) < 1e-6, (row, loss.item(), want)
 
@@ -181,7 +183,7 @@ def test_139_against_13_9_hand_worked():
     t_rows = [{b"1": 0.7, b"3": 0.2, b"9": 0.1}, {b"3": 0.5, b"4": 0.5}, {b"9": 0.9, b"0": 0.1}]
     s = torch.stack([_logits(s_row0, MERGED), _logits(s_row0, MERGED), _logits(s_row1, MERGED)]).float()
     t = torch.stack([_logits(r, DIGITS) for r in t_rows]).float()
-    fine = torch.tensor([False, False, True])
+    fine = torch.tensor([0, 0, 2])
     skip = torch.tensor([0, 1, 0])
     s_tok = torch.tensor([MERGED.index(b"13"), MERGED.index(b"13"), MERGED.index(b"9")])
     t_tok = torch.tensor([DIGITS.index(b"1"), DIGITS.index(b"3"), DIGITS.index(b"9")])
@@ -194,7 +196,8 @@ def test_139_against_13_9_hand_worked():
     # offset 1: the student's tokens after "1": 13 -> 3, 139 -> 3, 14 -> 4: (0.6, 0.2) / 0.8; its
     # token "1" alone (probability 0 here) would be the stop class
     want1 = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
-    # offset 2: the teacher's 9 0.9, 0 0.1 on the student's digits, against its 9 0.7, 0 0.1, 3 0.2
+    # offset 2: the teacher's 9 0.9, 0 0.1 on the student's digits, against its 9 0.7, 0 0.1, 3 0.2;
+    # the other way the student's row on the teacher's digits (13, 14, 139 -> 1, all at 0): the same
     want2 = 0.9 * math.log(0.9 / 0.7) + 0.1 * math.log(0.1 / 0.1)
     for got, want in zip(per_row, (want0, want1, want2)):
         assert abs(got.item() - want) < 1e-6, (got.item(), want)
@@ -237,7 +240,7 @@ def test_argument_errors():
     s, t = torch.zeros(2, 5), torch.zeros(2, 4)
     ok = ((torch.zeros(1, 5, dtype=torch.long),) * 2 + (torch.zeros(5, dtype=torch.long),),
           (torch.zeros(1, 4, dtype=torch.long),) * 2 + (torch.zeros(4, dtype=torch.long),))
-    rows = (torch.ones(2, dtype=torch.bool), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long),
+    rows = (torch.ones(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long),
             torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="student_to_teacher key must be an int64"):
         byte_prefix_jsd(s, t, *rows, ok[1], ok[1])
@@ -245,3 +248,7 @@ def test_argument_errors():
         byte_prefix_jsd(s, t, rows[0], torch.zeros(3, dtype=torch.long), *rows[2:], *ok)
     with pytest.raises(ValueError, match="teacher_token must lie in"):
         byte_prefix_jsd(s, t, *rows[:3], torch.tensor([0, 4]), *ok)
+    with pytest.raises(ValueError, match="side must be 0"):
+        byte_prefix_jsd(s, t, torch.tensor([1, 3]), *rows[1:], *ok)
+    with pytest.raises(ValueError, match="0 where side is 2"):
+        byte_prefix_jsd(s, t, torch.tensor([2, 2]), torch.tensor([0, 1]), *rows[2:], *ok)

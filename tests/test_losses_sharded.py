@@ -61,7 +61,7 @@ def cases(gen):
     rng = random.Random(7)
     (s_vocab, s_eos), (t_vocab, t_eos) = random_vocab(rng, "abcd", 45), random_vocab(rng, "abcd", 59)
     events = [x.view(ROWS) for x in random_events(rng, 15, s_vocab, t_vocab)]
-    prefix = dict(zip(("student_fine", "skip", "student_token", "teacher_token"), events))
+    prefix = dict(zip(("side", "skip", "student_token", "teacher_token"), events))
     prefix.update(zip(("student_to_teacher", "teacher_to_student"), tables(s_vocab, s_eos, t_vocab, t_eos)))
     yield "byte_prefix beta=0.5", byte_prefix_jsd, dict(prefix, teacher_temperature=1.3, mask=mask,
                                                         chunk_size=4), 47, 61, f32

@@ -18,7 +18,7 @@ projections between vocabularies and the events ``byte_prefix_jsd`` compares).
 
 from .groups import Groups, group_spans
 from .merge import merge_log_scales
-from .prefix import PrefixEvents, PrefixProjection, prefix_events, prefix_projection
+from .prefix import BOTH, STUDENT, TEACHER, PrefixEvents, PrefixProjection, prefix_events, prefix_projection
 from .spans import UnsupportedTokenizerError, byte_spans, token_bytes, tokenizer_family
 from .vocab import VocabularyMap, vocabulary_map
 

@@ -23,15 +23,18 @@ Events (per micro-step, ``prefix_events``). Inside a group (``group_spans``: bot
 same bytes), at every byte offset where one side starts a token the two sides can be compared:
 
 * the *fine* side is the one that starts a token there whose token ends no later than the other
-  side's token covering that offset (both start one: the shorter; a tie: the student). Its row
-  there is compared whole, over its own vocabulary;
+  side's token covering that offset (both start one: the shorter). Its row there is compared whole,
+  over its own vocabulary;
 * the *coarse* side is represented by its row that predicted the token covering the offset, with
   ``skip`` = the bytes of that token before the offset (0 when it starts there too), projected onto
   the fine side's pieces as above, conditioned on the bytes it has already spelled.
 
-Offsets where the side that starts a token has a token reaching past the other side's covering token
-are not compared (neither side's row predicts the other's piece there; the next offset covers it).
-An end-of-turn group is one event with skip 0 and the student fine. A coarse token whose span in
+Where both start a token of the same length, each side is fine in turn (``side`` BOTH: the loss takes
+the mean of the two comparisons): the student's alternatives may be longer than the teacher's pieces
+(``10`` where the teacher has ``1``) or the other way round, and each direction sees only the other
+side's longer alternatives. Offsets where the side that starts a token has a token reaching past the
+other side's covering token are not compared (neither side's row predicts the other's piece there;
+the next offset covers it). An end-of-turn group is one event with skip 0 and side BOTH. A coarse token whose span in
 the text is not its piece's bytes (a dropped dummy prefix) is compared only at skip 0.
 """
 
@@ -42,7 +45,10 @@ import torch
 from .spans import _table
 from .vocab import _bytes_to_id
 
-__all__ = ["PrefixProjection", "prefix_projection", "PrefixEvents", "prefix_events"]
+__all__ = ["PrefixProjection", "prefix_projection", "PrefixEvents", "prefix_events", "TEACHER", "STUDENT", "BOTH"]
+
+TEACHER, STUDENT, BOTH = 0, 1, 2
+"""``PrefixEvents.side``: the vocabulary an event is compared over (BOTH: the mean of the two)."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,7 @@ class PrefixEvents:
     """One row per comparison (module docstring); rows index each side's flat completion rows."""
     student_row: torch.Tensor   # [E] int64
     teacher_row: torch.Tensor   # [E] int64
-    student_fine: torch.Tensor  # [E] bool: compared over the student's vocabulary (else the teacher's)
+    side: torch.Tensor          # [E] int64: TEACHER, STUDENT or BOTH, the fine side(s)
     skip: torch.Tensor          # [E] int64: bytes of the coarse side's token before the offset
 
     def __len__(self) -> int:
@@ -141,8 +147,8 @@ def prefix_events(student_tokenizer, teacher_tokenizer, student_tokens, teacher_
     t_row, t_grp, t_start, t_stop = _members(teacher_first[:b], teacher_end[:b], teacher_spans)
     cols = [[], [], [], []]
 
-    def add(student_row, teacher_row, student_fine, skip):
-        for c, x in zip(cols, (student_row, teacher_row, student_fine, skip)):
+    def add(student_row, teacher_row, side, skip):
+        for c, x in zip(cols, (student_row, teacher_row, side, skip)):
             c.append(x)
 
     if s_row.numel() and t_row.numel():
@@ -151,17 +157,17 @@ def prefix_events(student_tokenizer, teacher_tokenizer, student_tokens, teacher_
         skip_t = s_start - t_start[j]
         both = skip_t == 0
         s_len, t_len = s_stop - s_start, t_stop[j] - t_start[j]
-        student_fine = ~both | (s_len <= t_len)
+        side = torch.where(~both | (s_len < t_len), STUDENT, torch.where(s_len > t_len, TEACHER, BOTH))
         fits = s_stop <= t_stop[j]
         keep = (both | fits) & (both | teacher_widths_ok[t_row[j]])
-        add(s_row[keep], t_row[j][keep], student_fine[keep], skip_t[keep])
+        add(s_row[keep], t_row[j][keep], side[keep], skip_t[keep])
         # offsets where only the teacher starts a token: the student's covering token, teacher fine
         i = _covering(t_grp, t_start, s_grp, s_start)
         skip_s = t_start - s_start[i]
         keep = (skip_s > 0) & (t_stop <= s_stop[i]) & student_widths_ok[s_row[i]]
-        add(s_row[i][keep], t_row[keep], torch.zeros(int(keep.sum()), dtype=torch.bool), skip_s[keep])
+        add(s_row[i][keep], t_row[keep], torch.full((int(keep.sum()),), TEACHER), skip_s[keep])
     eot = student_first.numel() - b
-    add(student_first[b:], teacher_first[b:], torch.ones(eot, dtype=torch.bool), torch.zeros(eot, dtype=torch.long))
+    add(student_first[b:], teacher_first[b:], torch.full((eot,), BOTH), torch.zeros(eot, dtype=torch.long))
     cat = [torch.cat(c) for c in cols]
     order = torch.argsort(cat[0] * (1 << 20) + cat[1], stable=True)  # student row order, then teacher's
     return PrefixEvents(*(c[order] for c in cat))

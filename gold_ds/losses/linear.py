@@ -131,7 +131,7 @@ def linear_hybrid_uld(student_hidden, student_weight, teacher_hidden, teacher_we
                            every=every, heads=heads)
 
 
-def linear_byte_prefix_jsd(student_hidden, student_weight, teacher_hidden, teacher_weight, student_fine, skip,
+def linear_byte_prefix_jsd(student_hidden, student_weight, teacher_hidden, teacher_weight, side, skip,
                            student_token, teacher_token, student_to_teacher, teacher_to_student, *, beta=0.5,
                            student_temperature=1.0, teacher_temperature=1.0, mask=None, reduction="sum", group=None,
                            chunk_size=None, student_bias=None, teacher_bias=None, student_logit_scale=1.0,
@@ -139,14 +139,14 @@ def linear_byte_prefix_jsd(student_hidden, student_weight, teacher_hidden, teach
     """:func:`gold_ds.losses.byte_prefix_jsd` of the two heads' logits, from hidden states (the
     per-row tensors and tables as there). See the module docstring for the heads' options and ``group``."""
     options = dict(locals(), student_log_scale=None, teacher_log_scale=None)
-    for k in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight", "student_fine", "skip",
+    for k in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight", "side", "skip",
               "student_token", "teacher_token", "student_to_teacher", "teacher_to_student", "beta"):
         options.pop(k)
     _base.check_beta(beta)
     heads, every = _pair(student_hidden, student_weight, teacher_hidden, teacher_weight, options)
     for k in ("student_log_scale", "teacher_log_scale"):
         options.pop(k)
-    return byte_prefix_jsd_loss(student_hidden, teacher_hidden, student_fine, skip, student_token, teacher_token,
+    return byte_prefix_jsd_loss(student_hidden, teacher_hidden, side, skip, student_token, teacher_token,
                                 student_to_teacher, teacher_to_student, beta=beta, **options, every=every,
                                 heads=heads)
 

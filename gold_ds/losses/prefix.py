@@ -44,6 +44,11 @@ digit is 8" with its token ``8`` and "after 8 comes 5" with ``85`` renormalized 
 that go on, while ``85`` itself stays improbable; with it, the mass on ``8`` alone is the
 student's "the number ends after 8", which the teacher's row after ``8`` prices.
 
+An event where both sides start a token of the same length is compared both ways (``side`` 2: the
+mean of the two rows' losses): each direction sees only the other side's alternatives that are longer
+than its own pieces (a student's ``10`` where the teacher says ``1``, then ``0``), so each catches
+what the other renormalizes away.
+
 Approximations, stated: a coarse token's rest is credited to the fine side's *longest* piece that
 begins it, which is the fine tokenizer's first piece for greedy longest-match tokenizers and an
 approximation for others (BPE may split a rest differently); the stop class lumps together what
@@ -114,19 +119,21 @@ def _divergence(la, lb, support, beta):
     return (a * (la - lm) * beta + b * (lb - lm) * (1.0 - beta)).sum(-1)
 
 
-def _row_losses(s, t, student_fine, skip, student_token, teacher_token, s_to_t, t_to_s, ts, tt, beta):
-    """[n] losses of whole rows s [n, Vs], t [n, Vt] (fp32, differentiable)."""
+def _row_losses(s, t, side, skip, student_token, teacher_token, s_to_t, t_to_s, ts, tt, beta):
+    """[n] losses of whole rows s [n, Vs], t [n, Vt] (fp32, differentiable); ``side``: 0 the
+    teacher is fine, 1 the student, 2 the mean of both."""
     ls = torch.log_softmax(s / ts if ts != 1.0 else s, -1)
     lt = torch.log_softmax(t / tt if tt != 1.0 else t, -1)
     loss = s.new_zeros(s.shape[0])
-    fine = student_fine.nonzero().squeeze(1)
-    if fine.numel():  # compared over the student's vocabulary: the teacher is projected
-        lq, support = _projected(lt[fine], *t_to_s, skip[fine], teacher_token[fine], s.shape[1])
-        loss = loss.index_put((fine,), _divergence(lq, _fine(ls[fine], support), support, beta))
-    coarse = (~student_fine).nonzero().squeeze(1)
-    if coarse.numel():  # over the teacher's vocabulary: the student is projected
-        lq, support = _projected(ls[coarse], *s_to_t, skip[coarse], student_token[coarse], t.shape[1])
-        loss = loss.index_put((coarse,), _divergence(_fine(lt[coarse], support), lq, support, beta))
+    half = torch.where(side == 2, 0.5, 1.0)
+    rows = (side >= 1).nonzero().squeeze(1)
+    if rows.numel():  # compared over the student's vocabulary: the teacher is projected
+        lq, support = _projected(lt[rows], *t_to_s, skip[rows], teacher_token[rows], s.shape[1])
+        loss = loss.index_add(0, rows, half[rows] * _divergence(lq, _fine(ls[rows], support), support, beta))
+    rows = (side != 1).nonzero().squeeze(1)
+    if rows.numel():  # over the teacher's vocabulary: the student is projected
+        lq, support = _projected(ls[rows], *s_to_t, skip[rows], student_token[rows], t.shape[1])
+        loss = loss.index_add(0, rows, half[rows] * _divergence(_fine(lt[rows], support), lq, support, beta))
     return loss
 
 
@@ -141,14 +148,15 @@ def _check_tables(name, table, vocab, device):
     return key.to(device), piece.to(device), whole.to(device)
 
 
-def byte_prefix_jsd(student_logits, teacher_logits, student_fine, skip, student_token, teacher_token,
+def byte_prefix_jsd(student_logits, teacher_logits, side, skip, student_token, teacher_token,
                     student_to_teacher, teacher_to_student, *, beta=0.5, student_temperature=1.0,
                     teacher_temperature=1.0, mask=None, reduction="mean", group=None, chunk_size=None):
     """Byte-prefix JSD per row (module docstring), reduced over the counted rows.
 
     ``student_logits`` [..., Vs], ``teacher_logits`` [..., Vt]: each row is one event's pair of rows.
-    Per row ([...] tensors): ``student_fine`` (bool: compared over the student's vocabulary),
-    ``skip`` (bytes of the coarse side's token already spelled), ``student_token`` and
+    Per row ([...] tensors): ``side`` (the fine side: 0 the teacher, 1 the student, 2 both, the mean
+    of the two comparisons, for rows at skip 0), ``skip`` (bytes of the coarse side's token already
+    spelled), ``student_token`` and
     ``teacher_token`` (each side's actual token at its row; the coarse side's names the spelled
     prefix). ``student_to_teacher``: (key [D, Vs], piece [D, Vs], whole [Vs]) int64 projecting the
     student's vocabulary onto the teacher's pieces (``gold_ds.align.prefix_projection``);
@@ -159,13 +167,13 @@ def byte_prefix_jsd(student_logits, teacher_logits, student_fine, skip, student_
     _base.check_beta(beta)
     every = _base.vocab_sizes(group, student_logits.shape[:-1].numel(), student_logits.shape[-1],
                               teacher_logits.shape[-1])
-    return byte_prefix_jsd_loss(student_logits, teacher_logits, student_fine, skip, student_token, teacher_token,
+    return byte_prefix_jsd_loss(student_logits, teacher_logits, side, skip, student_token, teacher_token,
                                 student_to_teacher, teacher_to_student, beta=beta,
                                 student_temperature=student_temperature, teacher_temperature=teacher_temperature,
                                 mask=mask, reduction=reduction, group=group, chunk_size=chunk_size, every=every)
 
 
-def byte_prefix_jsd_loss(student, teacher, student_fine, skip, student_token, teacher_token, student_to_teacher,
+def byte_prefix_jsd_loss(student, teacher, side, skip, student_token, teacher_token, student_to_teacher,
                          teacher_to_student, *, beta, student_temperature, teacher_temperature, mask, reduction,
                          group, chunk_size, every, heads=(None, None), kernel_rows=None):
     """The chunked byte-prefix JSD of checked logits (or hidden states with ``heads``, see ``_base``);
@@ -176,21 +184,23 @@ def byte_prefix_jsd_loss(student, teacher, student_fine, skip, student_token, te
     t_to_s = _check_tables("teacher_to_student", teacher_to_student, vt, device)
     rows = student.shape[:-1]
     data = []
-    for name, x in (("student_fine", student_fine), ("skip", skip), ("student_token", student_token),
+    for name, x in (("side", side), ("skip", skip), ("student_token", student_token),
                     ("teacher_token", teacher_token)):
         if not isinstance(x, torch.Tensor) or x.shape != rows:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else repr(x)
             raise ValueError(f"{name} must be a tensor shaped like the rows {tuple(rows)}; got {got}")
         data.append(x.reshape(-1).to(device))
-    data[0] = data[0].bool()
-    data[1:] = [x.long() for x in data[1:]]
-    if data[1].numel() and (int(data[1].min()) < 0):
-        raise ValueError(f"skip must be >= 0; got {int(data[1].min())}")
+    data = [x.long() for x in data]
+    if data[0].numel() and (int(data[0].min()) < 0 or int(data[0].max()) > 2):
+        raise ValueError(f"side must be 0 (teacher), 1 (student) or 2 (both); got values in "
+                         f"[{int(data[0].min())}, {int(data[0].max())}]")
+    if data[1].numel() and (int(data[1].min()) < 0 or bool((data[1][data[0] == 2] != 0).any())):
+        raise ValueError("skip must be >= 0, and 0 where side is 2 (both)")
     for name, x, vocab in (("student_token", data[2], vs), ("teacher_token", data[3], vt)):
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
             raise ValueError(f"{name} must lie in [0, {vocab}); got [{int(x.min())}, {int(x.max())}]")
     # a skip past a table's depth has no member (the coarse token is longer than the table knows)
-    depth = torch.where(data[0], t_to_s[0].shape[0], s_to_t[0].shape[0])
+    depth = torch.where(data[0] == 1, t_to_s[0].shape[0], s_to_t[0].shape[0])
     too_long = data[1] >= depth
     data[1] = torch.where(too_long, 0, data[1])
     ts, tt, beta = float(student_temperature), float(teacher_temperature), float(beta)

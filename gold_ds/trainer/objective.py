@@ -222,7 +222,7 @@ class CrossTokenizerObjective:
     def _event_data(a, dev):
         """The per-row arguments of ``byte_prefix_jsd`` for the alignment's events."""
         e = a.events
-        return (e.student_fine.to(dev), e.skip.to(dev), a.student_tokens.to(dev)[e.student_row.to(dev)],
+        return (e.side.to(dev), e.skip.to(dev), a.student_tokens.to(dev)[e.student_row.to(dev)],
                 a.teacher_tokens.to(dev)[e.teacher_row.to(dev)])
 
     def _teacher_targets(self, mb, t_logits):
@@ -300,8 +300,7 @@ class CrossTokenizerObjective:
         logp = None
         if self.w_div and self.prefix:  # every rank's events, in rank order (as their rows)
             every = RowGather(len(a.events), dev)
-            data = [every.gather(x.long()) for x in self._event_data(a, dev)]
-            data[0] = data[0].bool()
+            data = [every.gather(x) for x in self._event_data(a, dev)]
             loss = self.w_div * self.divergence(hidden[start], targets, s_weight, t_weight, events=data, **heads)
         elif self.w_div:
             logp = self.heads.token_logprobs(self.heads.student, hidden, s_weight, s_bias, tokens, self.ts)
