@@ -257,3 +257,79 @@ def test_unsupported_tokenizer_fails_at_start():
     from test_align import CharTokenizer
     with pytest.raises(UnsupportedTokenizerError, match="CharTokenizer"):
         _assembler(train_arithmetic_tokenizer(), CharTokenizer())
+
+
+def _reference_events(student, teacher, s_ids, t_ids):
+    """byte_prefix_jsd's events of one sample, from decoded prefixes (plain Python): (student token
+    index, teacher token index, side 0/1/2, skip) at every byte offset where a side starts a token
+    inside a group, then the end-of-turn pair."""
+    events = []
+    s_end, t_end = _boundaries(student, s_ids), _boundaries(teacher, t_ids)
+    s_start = [0] + s_end[:-1]
+    t_start = [0] + t_end[:-1]
+    for s0, s1, t0, t1 in _reference_groups(student, teacher, s_ids, t_ids):
+        if s_end[s0] == s_start[s0]:  # the end-of-turn pair (zero-width)
+            events.append((s0, t0, 2, 0))
+            continue
+        offsets = sorted({s_start[i] for i in range(s0, s1)} | {t_start[i] for i in range(t0, t1)})
+        for o in offsets:
+            i = max(k for k in range(s0, s1) if s_start[k] <= o)
+            j = max(k for k in range(t0, t1) if t_start[k] <= o)
+            ds, dt = o - s_start[i], o - t_start[j]
+            s_len, t_len = s_end[i] - s_start[i], t_end[j] - t_start[j]
+            if ds == dt == 0:
+                events.append((i, j, 1 if s_len < t_len else 0 if s_len > t_len else 2, 0))
+            elif ds == 0 and s_end[i] <= t_end[j]:
+                events.append((i, j, 1, dt))
+            elif dt == 0 and t_end[j] <= s_end[i]:
+                events.append((i, j, 0, ds))
+    return events
+
+
+@pytest.mark.parametrize("pair", ["merged-digits", "letters"])
+def test_byte_prefix_micro_step_matches_fp64_reference(pair):
+    """The objective's byte_prefix_jsd micro-step (events from the assembler, rows from the models)
+    against events from decoded prefixes and the fp64 reference loss from the vocabularies' bytes."""
+    from gold_ds.data.builtin import builtin_rows, builtin_tokenizer
+    from gold_ds.trainer.objective import CrossTokenizerObjective
+    from test_align_prefix import _vocab_bytes
+    s_tok, t_tok = ((builtin_tokenizer("arithmetic-merged-digits"), builtin_tokenizer("arithmetic"))
+                    if pair == "merged-digits" else
+                    (builtin_tokenizer("arithmetic-letters"), builtin_tokenizer("arithmetic-words")))
+    task = "arithmetic" if pair == "merged-digits" else "arithmetic-words"
+    distill = DistillConfig(loss="byte_prefix_jsd", beta=0.3, temperature=1.3, teacher_temperature=0.8,
+                            divergence_weight=1.5, logits="full")
+    s_model, t_model = _tiny_llama(len(s_tok), 0), _tiny_llama(len(t_tok), 1)
+    asm = _assembler(s_tok, t_tok)
+    obj = CrossTokenizerObjective(distill, s_model, t_model, asm, lambda _: None)
+    samples = []
+    for r in builtin_rows(task, "train", 5, 3):
+        ex = Example(r["messages"][:1], r["answer"], r["answer"])
+        samples.append(Sample(*_encode(s_tok, ex), ex))
+    mb = asm.assemble(samples)
+    got = obj.loss(mb, obj.teacher_targets([mb])[0])[0]
+    got.backward()
+    got_grads = [p.grad.clone() for p in s_model.parameters()]
+    s_model.zero_grad()
+
+    s_vocab, t_vocab = _vocab_bytes(s_tok), _vocab_bytes(t_tok)
+    total, sides = torch.zeros((), dtype=torch.float64), collections.Counter()
+    for smp in samples:
+        tp, tc = _encode(t_tok, Example(smp.example.prompt, smp.example.completion))
+        s_logits = s_model(torch.tensor([smp.prompt_ids + smp.completion_ids])).logits[0].double()
+        with torch.no_grad():
+            t_logits = t_model(torch.tensor([tp + tc])).logits[0].double()
+        for i, j, side, skip in _reference_events(s_tok, t_tok, smp.completion_ids, tc):
+            sides[side] += 1
+            total += distill.divergence_weight * ref.byte_prefix_jsd(
+                s_logits[len(smp.prompt_ids) - 1 + i][None], t_logits[len(tp) - 1 + j][None], torch.tensor([side]),
+                torch.tensor([skip]), torch.tensor([smp.completion_ids[i]]), torch.tensor([tc[j]]), s_vocab, t_vocab,
+                s_tok.eos_token_id, t_tok.eos_token_id, beta=distill.beta, student_temperature=distill.temperature,
+                teacher_temperature=distill.teacher_temperature, reduction="sum")
+    assert sides[2] > 0 and sides[0 if pair == "merged-digits" else 1] > 0  # the coarser side's rows are projected
+    assert len(mb.alignment.events) == sum(sides.values())
+    assert torch.allclose(got.double(), total, rtol=1e-5), (got.item(), total.item())
+    total.backward()
+    for g, p in zip(got_grads, s_model.parameters()):
+        assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max()), (g - p.grad).abs().max()
+    assert got_grads[-1].abs().sum() > 0
