@@ -147,13 +147,14 @@ def _prefix_row(s_row, t_row, fine_is_student, d, s_token, t_token, s_vocab, t_v
                     + [p_c[classes["stop"]].sum() if "stop" in classes else lc.new_zeros(())])
     q = q / q.sum()
     off = [v for v in range(lf.shape[0]) if v not in classes]
-    if "stop" in classes:
+    if d > 0:  # inside the coarse token: the fine side's mass off the pieces reached is its stop
         p_f = torch.cat([lf.exp()[support], lf.exp()[off].sum(0, keepdim=True)])
     else:
         p_f = lf.exp()[support] / lf.exp()[support].sum()
         q = q[:-1]
     a, b = (q, p_f) if fine_is_student else (p_f, q)
-    kl = lambda x, y: (x[x > 0] * (x[x > 0] / y[x > 0]).log()).sum()  # noqa: E731  (0 log 0 = 0)
+    tiny = torch.finfo(torch.float32).tiny  # the library's floor for a probability it takes the log of
+    kl = lambda x, y: (x[x > 0] * (x[x > 0] / y[x > 0].clamp_min(tiny)).log()).sum()  # noqa: E731  (0 log 0 = 0)
     if beta == 0:
         return kl(a, b)
     if beta == 1:

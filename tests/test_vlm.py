@@ -177,7 +177,7 @@ def test_validation_errors(tmp_path):
     # cross family with jsd
     with pytest.raises(ConfigError) as e:
         build_assembler(load_config(raw=_preset(cross, distill={"loss": "jsd"})))
-    _check_message(str(e.value), "cross-family", "distill.loss='uld' or 'hybrid_uld'")
+    _check_message(str(e.value), "cross-family", "cross-tokenizer distill.loss ('hybrid_uld', 'byte_prefix_jsd', 'uld')")
     # mismatched image token semantics: jsd with a processor that gives an image another token count
     from gold_ds.data import vlm_tasks
 

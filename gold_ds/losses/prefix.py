@@ -34,10 +34,11 @@ models"). Per row (an *event*: ``gold_ds.align.prefix_events`` builds them from 
   coarse token ended, as for E);
 * both, distributions over S + {stop}, are compared by the generalized JSD of ``generalized_jsd``
   with ``beta`` (teacher a, student b: beta 0 is KL(teacher || student), beta 1 KL(student ||
-  teacher)). Where no coarse token stops (E empty and every token of M has a piece: always at skip 0
-  with a byte-complete fine vocabulary) there is no stop class: p_F is renormalized on S, since the
-  fine pieces no coarse token reaches then have no counterpart at all (the coarse side would say
-  them in other tokens).
+  teacher)). At skip 0 (both sides at a token boundary) there is no stop class: p_F is renormalized on
+  S, since a fine piece no coarse token reaches there (one longer than any coarse token) is not wrong,
+  only said in other tokens on the coarse side. Inside a coarse token (skip > 0) the fine side's mass
+  off S is priced: the coarse side has committed to the bytes it spelled, and every continuation it
+  can say is in S (or in stop).
 
 Why the stop class: without it a student whose tokens merge digits (``85``) could meet "the first
 digit is 8" with its token ``8`` and "after 8 comes 5" with ``85`` renormalized among the tokens
@@ -48,6 +49,11 @@ An event where both sides start a token of the same length is compared both ways
 mean of the two rows' losses): each direction sees only the other side's alternatives that are longer
 than its own pieces (a student's ``10`` where the teacher says ``1``, then ``0``), so each catches
 what the other renormalizes away.
+
+Where one side gives a compared class no mass and the other some (possible only for the stop class:
+the fine side's mass off S where the coarse side has no stopping token), KL is infinite; such a
+probability is taken as fp32's smallest normal number (about 1e-38), so the row costs about 87 nats
+times the other side's mass there, with no gradient through it.
 
 Approximations, stated: a coarse token's rest is credited to the fine side's *longest* piece that
 begins it, which is the fine tokenizer's first piece for greedy longest-match tokenizers and an
@@ -78,7 +84,7 @@ _NEG = -1e30  # a finite "minus infinity": rows without members stay NaN-free in
 
 def _projected(lc, key, piece, whole, skip, token, fine_vocab):
     """The coarse rows' log q [n, V_F + 1] (the last column: stop) and the classes compared [n, V_F + 1]
-    bool (S, and stop where a coarse token stops), from their log-probabilities ``lc`` [n, V_C]."""
+    bool (S, and stop at skip > 0), from their log-probabilities ``lc`` [n, V_C]."""
     k, p = key[skip], piece[skip]                                     # [n, V_C]
     want = key[skip, token]                                           # [n] the spelled prefix
     valid = (want >= 0)[:, None]
@@ -92,14 +98,16 @@ def _projected(lc, key, piece, whole, skip, token, fine_vocab):
     q[:, :fine_vocab].scatter_add_(1, index, w * said)
     q[:, fine_vocab] = (w * ~said).sum(-1)
     support = torch.zeros_like(q[:, :fine_vocab]).scatter_add_(1, index, said.float()) > 0
-    stops = (agree & ~said).any(-1, keepdim=True)
+    stops = (skip > 0)[:, None]
     tiny = torch.finfo(q.dtype).tiny
-    return q.clamp_min(tiny).log() - w.sum(-1, keepdim=True).clamp_min(tiny).log(), torch.cat([support, stops], -1)
+    log_q = q.clamp_min(tiny).log() - w.sum(-1, keepdim=True).clamp_min(tiny).log()
+    return log_q.clamp_min(math.log(tiny)), torch.cat([support, stops], -1)
 
 
 def _fine(lf, classes):
-    """The fine rows' log p [n, V_F + 1] on ``classes``: where the coarse side has a stop class, their
-    log-probabilities and log p(stop) = the log of their mass off S; elsewhere renormalized on S."""
+    """The fine rows' log p [n, V_F + 1] on ``classes``: with a stop class (skip > 0), their
+    log-probabilities and log p(stop) = the log of their mass off S; without (skip 0) renormalized
+    on S."""
     support, stops = classes[:, :-1], classes[:, -1:]
     off = lf.masked_fill(support, _NEG).logsumexp(-1, keepdim=True).clamp_min(math.log(torch.finfo(lf.dtype).tiny))
     on = lf.masked_fill(~support, _NEG).logsumexp(-1, keepdim=True)
@@ -156,11 +164,11 @@ def byte_prefix_jsd(student_logits, teacher_logits, side, skip, student_token, t
     ``student_logits`` [..., Vs], ``teacher_logits`` [..., Vt]: each row is one event's pair of rows.
     Per row ([...] tensors): ``side`` (the fine side: 0 the teacher, 1 the student, 2 both, the mean
     of the two comparisons, for rows at skip 0), ``skip`` (bytes of the coarse side's token already
-    spelled), ``student_token`` and
-    ``teacher_token`` (each side's actual token at its row; the coarse side's names the spelled
-    prefix). ``student_to_teacher``: (key [D, Vs], piece [D, Vs], whole [Vs]) int64 projecting the
-    student's vocabulary onto the teacher's pieces (``gold_ds.align.prefix_projection``);
-    ``teacher_to_student`` the other way. Other arguments as in :func:`gold_ds.losses.uld` (``group``: vocabulary shards).
+    spelled), ``student_token`` and ``teacher_token`` (each side's actual token at its row; the
+    coarse side's names the spelled prefix). ``student_to_teacher``: (key [D, Vs], piece [D, Vs],
+    whole [Vs]) int64 projecting the student's vocabulary onto the teacher's pieces
+    (``gold_ds.align.prefix_projection``); ``teacher_to_student`` the other way. Other arguments as
+    in :func:`gold_ds.losses.uld` (``group``: vocabulary shards).
     """
     _check_pair(student_logits, teacher_logits, student_temperature, teacher_temperature, None, None, mask,
                 reduction, chunk_size)
